@@ -1,0 +1,241 @@
+"""
+Tokenizer for the video LLM families: a tiktoken `Encoding` built from a checkpoint's byte-level BPE `tokenizer.json`,
+plus each family's chat prompt rendered in plain Python.
+
+    tok = Tokenizer.from_pretrained("path/to/llava-onevision-qwen2-0.5b-ov-hf")
+    text = chat_prompt("llava_onevision", [{"role": "user", "content": [{"type": "video"},
+                                                                       {"type": "text", "text": "What happens?"}]}])
+    ids = tok.encode_prompt(text, num_video_tokens=model.num_video_tokens(8))
+
+Why this is exact (reference/hf_checkpoints.md §2.6, checked by tests/test_tokenizer.py against `tokenizers`):
+- a byte-level BPE vocab maps each byte to a printable character (GPT-2's bytes_to_unicode); undoing that map turns
+  every vocab string into its bytes, and tiktoken's rank of those bytes is simply the token id;
+- tiktoken merges the adjacent pair whose *result* has the lowest rank, HF the pair whose *merge* comes first in
+  `merges`; the two agree when result ids increase with merge order, which `_byte_level_ranks` asserts on the file;
+- HF matches added tokens (`normalized=false`) on the raw text and normalizes only what lies between them, so we split
+  on the added tokens first and apply NFC per segment (NFC over the whole string breaks `<image>` + U+0338).
+
+The Llama SentencePiece-style tokenizer of llava_next_video (Metaspace, byte fallback) is not byte-level and not
+supported yet: `from_pretrained` says so.
+"""
+
+import json
+import os
+import unicodedata
+
+import re
+import tiktoken
+
+# GPT-2's pre-tokenizer pattern: what a bare `ByteLevel(use_regex=true)` pre-tokenizer splits with.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+FAMILIES = ("llava_onevision", "llava_next_video")
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable-character table: bytes 33-126, 161-172 and 174-255 map to themselves, the other 68
+    bytes (controls, space, 127-160, 173) to code points 256, 257, ... in increasing byte order."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+# -----------------------------------------------------------------------------
+# tokenizer.json -> tiktoken
+
+def _fail(path, what):
+    raise ValueError(f"{path}: {what}; only byte-level BPE tokenizers (Qwen2/GPT-2 style) are supported for now")
+
+
+def _pattern(path, pre):
+    """The tiktoken `pat_str` equivalent to a byte-level pre-tokenizer: Qwen2's Sequence[Split(regex), ByteLevel]
+    or GPT-2's bare ByteLevel(use_regex=true)."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    splits = [p for p in steps if p.get("type") == "Split"]
+    bytelevel = [p for p in steps if p.get("type") == "ByteLevel"]
+    if len(bytelevel) != 1 or len(splits) + len(bytelevel) != len(steps) or len(splits) > 1:
+        _fail(path, f"pre_tokenizer {[p.get('type') for p in steps]} is not [Split(Regex)], ByteLevel")
+    if bytelevel[0].get("add_prefix_space"):
+        _fail(path, "ByteLevel(add_prefix_space=true) is not supported")
+    if splits:
+        split = splits[0]
+        if "Regex" not in split.get("pattern", {}) or split.get("behavior") != "Isolated" or split.get("invert"):
+            _fail(path, f"pre_tokenizer Split {split} is not an Isolated, non-inverted Regex split")
+        if bytelevel[0].get("use_regex", True):
+            _fail(path, "a Split regex followed by ByteLevel(use_regex=true) is not supported")
+        return split["pattern"]["Regex"]
+    if not bytelevel[0].get("use_regex", True):
+        _fail(path, "ByteLevel(use_regex=false) without a Split regex is not supported")
+    return GPT2_PATTERN
+
+
+def _byte_level_ranks(path, model, added_ids):
+    """vocab {string: id} -> tiktoken ranks {bytes: id}, after checking the file is plain byte-level BPE whose merge
+    order equals id order (the condition under which tiktoken's lowest-rank-result merging equals HF's merges)."""
+    if model.get("type") != "BPE":
+        _fail(path, f"model type {model.get('type')!r} is not BPE")
+    if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        _fail(path, "BPE with byte_fallback / continuing_subword_prefix / end_of_word_suffix (SentencePiece-style)")
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {}
+    for piece, i in model["vocab"].items():
+        if i in added_ids:  # trainer-style files also list the special tokens in the BPE vocab
+            continue
+        try:
+            ranks[bytes(decoder[c] for c in piece)] = i
+        except KeyError:
+            _fail(path, f"vocab entry {piece!r} (id {i}) is not byte-level (a character outside bytes_to_unicode)")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        _fail(path, f"the vocab lacks {len(missing)} of the 256 single-byte tokens (e.g. byte {missing[0]})")
+    last = -1
+    for k, merge in enumerate(model.get("merges", [])):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        merged = ranks.get(bytes(decoder[c] for c in a + b))
+        if merged is None or merged <= last:
+            raise ValueError(f"{path}: merge {k} {a!r}+{b!r} yields id {merged}, after id {last}: merge order differs "
+                             "from id order, so tiktoken ranks would not reproduce this BPE exactly")
+        last = merged
+    return ranks
+
+
+class Tokenizer:
+    """encode/decode equal `tokenizers.Tokenizer.from_file(tokenizer.json).encode(text, add_special_tokens=False)`."""
+
+    def __init__(self, enc, normalize, special, family=None, eos_id=None, stop_ids=(), pad_id=None,
+                 video_token_id=None, image_token_id=None):
+        self.enc = enc                  # tiktoken.Encoding; ranks = token ids
+        self.normalize = normalize      # "NFC" or None, applied per segment between added tokens
+        self.special = special          # {added-token string: id}
+        self.family = family
+        self._special_ids = set(special.values())
+        # longest first: HF splits on added tokens leftmost-longest ("<|im_end|>" before a hypothetical "<|im")
+        alternatives = sorted(special, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if special else None
+        self.eos_id, self.stop_ids, self.pad_id = eos_id, tuple(stop_ids), pad_id
+        self.video_token_id, self.image_token_id = video_token_id, image_token_id
+        self.vocab_size = enc.n_vocab   # ids 0 .. vocab_size-1 (embedding tables may have padding rows beyond)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Build from a checkpoint directory (or a tokenizer.json path). Family, special ids and stop ids come from
+        the directory's config.json / generation_config.json / tokenizer_config.json when present."""
+        directory, file = (os.path.dirname(path), path) if path.endswith(".json") else (path, os.path.join(path, "tokenizer.json"))
+        if not os.path.isfile(file):
+            raise ValueError(f"no tokenizer.json at {file}: point at a Hugging Face checkpoint directory that has one "
+                             "(a slow-tokenizer-only checkpoint must be converted with transformers first)")
+        with open(file, encoding="utf-8") as f:
+            spec = json.load(f)
+        normalizer = spec.get("normalizer")
+        if normalizer is not None and normalizer.get("type") != "NFC":
+            _fail(file, f"normalizer {normalizer.get('type')!r} (only NFC or none)")
+        added = spec.get("added_tokens", [])
+        for t in added:
+            if t.get("normalized") or t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+                raise ValueError(f"{file}: added token {t['content']!r} uses normalized/lstrip/rstrip/single_word, "
+                                 "which this tokenizer does not reproduce")
+        special = {t["content"]: t["id"] for t in added}
+        ranks = _byte_level_ranks(file, spec.get("model", {}), set(special.values()))
+        enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(directory)) or "tokenizer",
+                                pat_str=_pattern(file, spec.get("pre_tokenizer")),
+                                mergeable_ranks=ranks, special_tokens=special)
+
+        def read(name):
+            p = os.path.join(directory, name)
+            if not os.path.isfile(p):
+                return {}
+            with open(p, encoding="utf-8") as f:
+                return json.load(f)
+
+        config, generation, tok_config = read("config.json"), read("generation_config.json"), read("tokenizer_config.json")
+        family = config.get("model_type")
+
+        def token_id(key, name):
+            """An id from config.json when written there, checked against the tokenizer's own added token."""
+            from_config = config.get(key + "_index", config.get(key + "_id"))
+            own = special.get(name)
+            if from_config is not None and own is not None and from_config != own:
+                raise ValueError(f"{directory}: config.json says {key}={from_config} but tokenizer.json has "
+                                 f"{name}={own}; the checkpoint's tokenizer and config disagree")
+            return from_config if from_config is not None else own
+
+        def named(value):  # tokenizer_config fields are a string or an AddedToken dict
+            value = value.get("content") if isinstance(value, dict) else value
+            return special.get(value) if value else None
+
+        # ChatML ends a turn with <|im_end|>; that, not the config's eos, is what a chat reply stops on.
+        eos_id = special.get("<|im_end|>", named(tok_config.get("eos_token")))
+        eos = generation.get("eos_token_id", config.get("eos_token_id"))
+        stops = [eos_id] + (eos if isinstance(eos, list) else [eos]) + [special.get("<|endoftext|>")]
+        stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
+        pad_id = named(tok_config.get("pad_token")) or special.get("<|endoftext|>", eos_id)
+        return cls(enc, "NFC" if normalizer else None, special, family=family, eos_id=eos_id, stop_ids=stop_ids,
+                   pad_id=pad_id, video_token_id=token_id("video_token", "<video>"),
+                   image_token_id=token_id("image_token", "<image>"))
+
+    def encode(self, text):
+        """text -> ids; added-token strings anywhere in the text become their ids (HF's add_special_tokens=False)."""
+        segments = self._split.split(text) if self._split else [text]
+        ids = []
+        for k, segment in enumerate(segments):
+            if k % 2:  # odd entries are the captured added tokens
+                ids.append(self.special[segment])
+            elif segment:
+                if self.normalize and not unicodedata.is_normalized(self.normalize, segment):
+                    segment = unicodedata.normalize(self.normalize, segment)
+                ids.extend(self.enc.encode_ordinary(segment))
+        return ids
+
+    def decode(self, ids, skip_special=False):
+        """ids -> text; invalid UTF-8 (a reply cut mid-character) becomes U+FFFD as in HF's ByteLevel decoder."""
+        if skip_special:
+            ids = [i for i in ids if i not in self._special_ids]
+        return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def encode_prompt(self, text, num_video_tokens):
+        """encode, then repeat each <video> id num_video_tokens times, as the processor lays out input_ids."""
+        assert self.video_token_id is not None, "this tokenizer has no <video> token"
+        ids = []
+        for i in self.encode(text):
+            ids.extend([i] * num_video_tokens if i == self.video_token_id else [i])
+        return ids
+
+
+# -----------------------------------------------------------------------------
+# chat prompts: the hub chat templates (reference/hf_checkpoints.md §2.5, §3.5) rendered in Python
+
+def _parts(content):
+    """A message's content as HF lists it: [{"type": "video"|"image"|"text", ...}]; a plain string is one text part."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return list(content)
+
+
+def chat_prompt(family, messages, add_generation_prompt=True):
+    """messages [{"role", "content"}] -> prompt text, exactly as the family's HF chat template renders it:
+    per message, images then videos first (whatever their place in the list), then the texts; no default system
+    prompt. llava_onevision: ChatML `<|im_start|>role\\n<video>\\ntext<|im_end|>\\n`, generation prompt
+    `<|im_start|>assistant\\n`. llava_next_video: `USER: <video>\\ntext ` with no role prefix for system, and
+    `ASSISTANT:` as generation prompt (its tokenizer adds BOS, not the template)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
+    out = []
+    for message in messages:
+        role, parts = message["role"], _parts(message["content"])
+        media = "".join("<image>\n" for p in parts if p["type"] == "image")
+        media += "".join("<video>\n" for p in parts if p["type"] == "video")
+        if family == "llava_onevision":
+            text = "".join(p["text"] for p in parts if p["type"] == "text")
+            out.append(f"<|im_start|>{role}\n{media}{text}<|im_end|>\n")
+        else:
+            text = "".join(p["text"] + " " for p in parts if p["type"] == "text")
+            out.append(("" if role == "system" else role.upper() + ": ") + media + text)
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n" if family == "llava_onevision" else "ASSISTANT:")
+    return "".join(out)
