@@ -1,0 +1,241 @@
+"""
+Video input with PyAV: pick N frames uniformly in time, then preprocess them into the pixel tensor a model family
+expects (reference/hf_checkpoints.md §2.3 for llava_onevision, §3.3 for llava_next_video).
+
+    frames, info = read_frames("clip.mp4", num_frames=8)        # uint8 (8, H, W, 3), displayed orientation
+    pixel_values = preprocess(frames, "llava_onevision", 384)  # float32 (8, 3, 384, 384)
+
+Sampling policy (read_frames). The stream covers [start, start + D) in its own timestamps. Target i of N is the
+midpoint of segment i, t_i = start + (i + 1/2)·D/N, and takes the frame *on screen* at t_i: the last frame whose pts
+is ≤ t_i (the first frame, if t_i precedes it). Only timestamps are used, never frame index × fps, so variable frame
+rate is handled. A clip with fewer frames than N repeats frames (`info["unique_frames"]` counts the distinct ones).
+
+Decoding. Targets are visited in time order. For each one the decoder either keeps going forward (when no keyframe
+lies between the current position and the target, per the container's index; without an index, when the target is
+less than `seek_gap` seconds ahead) or seeks to the keyframe at or before the target and decodes forward from there.
+So at most about one GOP is decoded per target, only the chosen frames are converted to RGB, and memory holds the N
+outputs plus two decoded frames, whatever the video's length.
+
+Also: display-matrix rotation is applied (multiples of 90°; flips are ignored), frames whose longer side exceeds
+`max_side` are scaled down by swscale while converting to RGB (before rotation), the sample aspect ratio is ignored.
+"""
+
+import bisect
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# per family: (image_mean, image_std) of the hub preprocessor configs
+NORMALIZE = {
+    "llava_onevision": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "llava_next_video": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # CLIP
+}
+
+REASONS = {
+    "not_found": "no such file",
+    "empty_file": "the file is empty",
+    "open_error": "FFmpeg cannot open it as a media file",
+    "no_video_stream": "it has no video stream",
+    "decode_error": "decoding failed",
+    "truncated": "the file ends before the duration its header declares",
+    "no_frames": "no frame could be decoded",
+}
+
+
+class VideoError(Exception):
+    """A video that cannot be read: `.path`, `.reason` (a key of REASONS) and `.cause` (the underlying error or a
+    sentence). Callers record it per item and move on."""
+
+    def __init__(self, path, reason, cause):
+        assert reason in REASONS, reason
+        self.path, self.reason, self.cause = str(path), reason, cause
+        super().__init__(f"cannot read video {self.path}: {REASONS[reason]} ({cause})")
+
+
+def _open(path):
+    """Open `path` and return (container, its first real video stream), or raise VideoError."""
+    if not os.path.exists(path):
+        raise VideoError(path, "not_found", "check the path and the video root")
+    if not os.path.isfile(path):
+        raise VideoError(path, "not_found", "it is not a regular file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(path, "empty_file", "0 bytes; the download or copy probably failed")
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as e:
+        raise VideoError(path, "open_error", e) from e
+    # cover art in audio files is a one-picture "video" stream flagged attached_pic: not a video
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        kinds = [s.type for s in container.streams] or ["none"]
+        container.close()
+        raise VideoError(path, "no_video_stream", f"streams found: {', '.join(kinds)}")
+    return container, streams[0]
+
+
+def _duration(container, stream):
+    """Stream duration in stream.time_base units: from the stream header, else the container header, else a scan of
+    packet timestamps (demux only, no decoding)."""
+    if stream.duration:
+        return stream.duration
+    if container.duration:
+        return int(Fraction(container.duration, av.time_base) / stream.time_base)
+    start = stream.start_time or 0
+    end = start
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            end = max(end, packet.pts + (packet.duration or 0))
+    container.seek(0)  # rewind for decoding
+    return end - start
+
+
+def _rgb(frame, size):
+    """Decoded frame -> uint8 (H, W, 3), scaled by swscale to `size` = (W, H) when it differs."""
+    if size == (frame.width, frame.height):
+        return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="AREA")
+
+
+def read_frames(path, num_frames, max_side=1024, seek_gap=2.0):
+    """Read `num_frames` frames uniformly in time (policy in the module docstring).
+
+    Returns frames uint8 (num_frames, H, W, 3) in display orientation, and info: timestamps (s, per output frame),
+    targets (s), duration (s), start_time (s), unique_frames, original_size (H, W displayed, before scaling), size
+    (H, W returned), rotation (degrees counter-clockwise applied), fps, decoded_frames, seeks, codec.
+    Raises VideoError for anything unreadable and ValueError for bad arguments."""
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    path = os.fspath(path)
+    container, stream = _open(path)
+    try:
+        with container:
+            return _read(container, stream, path, num_frames, max_side, seek_gap)
+    except av.error.FFmpegError as e:
+        raise VideoError(path, "decode_error", e) from e
+
+
+def _read(container, stream, path, num_frames, max_side, seek_gap):
+    tb = stream.time_base                              # seconds per timestamp unit (Fraction)
+    stream.codec_context.thread_type = "AUTO"          # frame + slice threads; seeking flushes them
+    start = stream.start_time or 0
+    duration = max(_duration(container, stream), 0)
+    # segment midpoints, in stream timestamp units: start + (2i+1)·D/(2N)
+    targets = [start + (2 * i + 1) * duration // (2 * num_frames) for i in range(num_frames)]
+    keyframes = sorted(e.timestamp for e in stream.index_entries if e.is_keyframe)  # empty without an index
+    gap = int(seek_gap / tb)
+    frames = container.decode(stream)                  # generator: demux + decode from the current position
+    last, ahead = None, None  # last: newest frame with pts <= current target; ahead: first decoded frame beyond it
+    decoded, seeks, eof = 0, 0, False
+    chosen, arrays, size, rotation = [], {}, None, 0
+
+    def pts(frame):
+        if frame.pts is None:
+            raise VideoError(path, "decode_error", "decoded frames carry no timestamps, so time cannot be sampled")
+        return frame.pts
+
+    for t in targets:
+        position = pts(ahead) if ahead is not None else pts(last) if last is not None else start
+        if ahead is None or pts(ahead) <= t:
+            # seek only when the keyframe at or before t lies beyond what we have decoded (no index: t is far)
+            if keyframes:
+                k = bisect.bisect_right(keyframes, t)
+                far = k > 0 and keyframes[k - 1] > position
+            else:
+                far = t - position > gap
+            if far:
+                frames, first, n = _seek(container, stream, t, start, tb)
+                decoded, seeks, eof = decoded + n, seeks + 1, first is None
+                ahead = first
+            while not eof and (ahead is None or pts(ahead) <= t):
+                if ahead is not None:
+                    last = ahead
+                ahead = next(frames, None)
+                if ahead is None:
+                    eof = True
+                else:
+                    decoded += 1
+        frame = last if last is not None and pts(last) <= t else ahead  # before the first frame: the first frame
+        if frame is None:
+            raise VideoError(path, "no_frames", f"the stream has no decodable frame ({stream.codec_context.name})")
+        if eof and frame is last:
+            # the decoder ran dry before t: fine within a frame or so, a truncated file beyond that
+            slack = max(1.0, 0.05 * float(duration * tb)) + float((frame.duration or 0) * tb)
+            if float((t - pts(frame)) * tb) > slack:
+                raise VideoError(path, "truncated", f"frames end at {float((pts(frame) - start) * tb):.2f} s, "
+                                                    f"the header says {float(duration * tb):.2f} s")
+        if size is None:  # fixed by the first chosen frame, so every output has one shape
+            scale = min(1.0, max_side / max(frame.width, frame.height)) if max_side else 1.0
+            size = (max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
+            rotation = (round((frame.rotation or 0) / 90) % 4) * 90
+            original = (frame.height, frame.width) if rotation % 180 == 0 else (frame.width, frame.height)
+        if pts(frame) not in arrays:
+            arrays[pts(frame)] = np.rot90(_rgb(frame, size), k=rotation // 90)  # counter-clockwise, as displayed
+        chosen.append(pts(frame))
+
+    out = np.ascontiguousarray(np.stack([arrays[p] for p in chosen]))
+    info = {
+        "timestamps": [float(p * tb) for p in chosen],
+        "targets": [float(t * tb) for t in targets],
+        "duration": float(duration * tb),
+        "start_time": float(start * tb),
+        "unique_frames": len(arrays),
+        "original_size": original,
+        "size": tuple(out.shape[1:3]),
+        "rotation": rotation,
+        "fps": float(stream.average_rate) if stream.average_rate else None,
+        "decoded_frames": decoded,
+        "seeks": seeks,
+        "codec": stream.codec_context.name,
+    }
+    return out, info
+
+
+def _seek(container, stream, t, start, tb):
+    """Seek to the keyframe at or before t and return (frame generator, first frame or None, frames decoded). Some
+    demuxers land after t (index by dts, B-frames); step back 1, 2, 4, ... s until the first frame is <= t."""
+    back = 0
+    while True:
+        container.seek(max(t - back, start), backward=True, stream=stream)
+        frames = container.decode(stream)
+        first = next(frames, None)
+        if first is None or first.pts is None or first.pts <= t or t - back <= start:
+            return frames, first, int(first is not None)
+        back = max(2 * back, int(1 / tb))
+
+
+# -----------------------------------------------------------------------------
+# preprocessing per family
+
+def preprocess(frames, family, image_size):
+    """uint8 frames (F, H, W, 3) (numpy or torch) -> float32 pixel_values (F, 3, S, S), as the family's HF video
+    processor computes them on CPU (reference/hf_checkpoints.md §2.3, §3.3):
+    - llava_onevision: resize to exactly S×S (aspect not kept);
+    - llava_next_video: resize the shortest edge to S (long edge int(S·long/short)), centre-crop S×S;
+    resizing is antialiased bicubic on the uint8 tensor itself (interpolate's uint8 path rounds between its two
+    passes; resizing in float and rounding afterwards differs by up to ±21 levels), skipped when already at size;
+    then (x - 255·mean) / (255·std) in float32, the processor's fused rescale + normalize."""
+    if family not in NORMALIZE:
+        raise ValueError(f"unknown model family {family!r}; supported: {', '.join(NORMALIZE)}")
+    x = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {tuple(x.shape)} {x.dtype}")
+    x = x.permute(0, 3, 1, 2)                          # (F, 3, H, W) uint8
+    h, w = x.shape[-2:]
+    S = image_size
+    if family == "llava_onevision":
+        size = (S, S)
+    else:
+        short, long = min(h, w), max(h, w)
+        long = int(S * long / short)
+        size = (S, long) if h <= w else (long, S)
+    if (h, w) != size:
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    if family == "llava_next_video":
+        top, left = int((size[0] - S) / 2), int((size[1] - S) / 2)
+        x = x[:, :, top:top + S, left:left + S]
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) * 255.0 for v in NORMALIZE[family])
+    return ((x.float() - mean) / std).contiguous()     # (F, 3, S, S) float32
