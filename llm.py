@@ -188,6 +188,8 @@ class Cache:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.db = sqlite3.connect(path, check_same_thread=False, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a commit survives a killed process (what resume needs), not a power cut; FULL fsyncs every put
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT, created REAL)")
         self.db.commit()
         self.lock = threading.Lock()

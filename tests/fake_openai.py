@@ -67,6 +67,7 @@ class State:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like real servers; every reply carries Content-Length
+    disable_nagle_algorithm = True  # headers and body go out in two writes: without this, 40 ms delayed-ACK stalls
 
     def log_message(self, *a):  # quiet
         pass

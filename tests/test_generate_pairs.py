@@ -1,0 +1,250 @@
+"""generate_pairs.py: the offline backend end to end; against a real loopback server process (tests/fake_openai.py):
+kill -9 twice over 200 descriptions then a rerun (every pair id exactly once, nothing done is asked for again, the
+API key in no file), malformed replies and failed verifications recorded and skipped, 401 and the circuit breaker
+exit non-zero, dry run calls nothing; plus on-policy `rejected_from`, dedup, sharding, torn lines and config errors.
+Run: .venv/bin/python -m pytest -q tests/test_generate_pairs.py"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+import generate_pairs as gp
+import llm
+from tests import fake_openai
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "sk-live-DO-NOT-LEAK-42"
+SCENES = ["a teenager attempts a rooftop parkour jump between buildings while friends film",
+          "a man mixes bleach and ammonia in a bucket and a cloud of gas rises",
+          "security footage of a person breaking a car window and taking a bag",
+          "a dog chained in a yard in hot weather with no water",
+          "a crowd at a protest march waving flags and chanting",
+          "a person typing commands on a terminal next to a wifi router"]
+FAST = ["--backoff_base=0.001", "--max_retries=6", "--connect_timeout=2.0", "--read_timeout=5.0"]
+
+
+def write_descriptions(path, n):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"vid{i:04d}", "video": f"videos/vid{i:04d}.mp4", "num_frames": 8,
+                                "model": "tiny", "description": f"Clip vid{i:04d}: {SCENES[i % len(SCENES)]}."}) + "\n")
+    return str(path)
+
+
+def config(tmp_path, **kw):
+    cfg = {k: v for k, v in vars(gp).items() if not k.startswith("_") and k.islower()
+           and isinstance(v, (int, float, bool, str))}
+    cfg.update(out=str(tmp_path / "pairs.jsonl"), backoff_base=0.001, max_retries=2, read_timeout=5.0)
+    cfg.update(kw)
+    return cfg
+
+
+def lines(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def script(url, *actions):
+    requests.post(url[:-3] + "/_script", json={"actions": list(actions)}).raise_for_status()
+
+
+def requests_served(url):
+    return requests.get(url[:-3] + "/_stats").json()["requests"]
+
+
+@pytest.fixture
+def server():
+    proc, url = fake_openai.start("--models=fake-model")
+    yield url
+    proc.terminate()
+    proc.wait()
+
+
+def test_offline_end_to_end(tmp_path):
+    cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 6), llm_url="offline")
+    code, summary = gp.run(cfg)
+    pairs = lines(cfg["out"])
+    assert code == 0 and summary["descriptions_done"] == 6 and len(pairs) == summary["total_pairs"] > 12
+    assert len({p["id"] for p in pairs}) == len(pairs)
+    rules = gp.load_taxonomy(cfg["taxonomy"])["rules"]
+    for p in pairs:
+        assert {"id", "video", "prompt", "chosen", "rejected", "category", "subcategory", "rule", "style",
+                "query_type"} <= set(p)
+        assert p["query_type"] == ("benign" if p["style"] == "benign_sensitive" else "harmful")
+        assert rules[p["rule"]]["category"] == p["category"] and p["id"] == gp.pair_id(p["description_id"],
+                                                                                        p["prompt"])
+        harmful = p["query_type"] == "harmful"
+        assert llm.is_refusal(p["chosen"]) == harmful and llm.is_refusal(p["rejected"]) != harmful
+    assert {p["style"] for p in pairs} == set(gp.ALL_STYLES)
+    code, again = gp.run(cfg)  # a rerun does nothing
+    assert again["new_pairs"] == 0 and again["descriptions_done"] == 0 and len(lines(cfg["out"])) == len(pairs)
+
+
+def test_kill9_twice_then_rerun_every_id_once(tmp_path):
+    n, q = 200, 2
+    log = tmp_path / "served.jsonl"
+    proc, url = fake_openai.start(f"--key={KEY}", "--flaky=0.03", "--latency=0.01", f"--log={log}")
+    try:
+        out = tmp_path / "run" / "pairs.jsonl"
+        cmd = [sys.executable, os.path.join(REPO, "generate_pairs.py"),
+               f"--descriptions={write_descriptions(tmp_path / 'd.jsonl', n)}", f"--out={out}", f"--llm_url={url}",
+               "--llm_model=fake-model", "--concurrency=4", f"--queries_per_video={q}", *FAST]
+        env = dict(os.environ, OPENAI_API_KEY=KEY)
+        done_file = str(out) + ".done.jsonl"
+        marks = []  # (served-log length, done ids) at each kill
+        for target in (30, 90):
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.time() + 60
+            while time.time() < deadline and (not os.path.exists(done_file) or
+                                              sum(1 for _ in open(done_file)) < target):
+                time.sleep(0.05)
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            marks.append((len(log.read_text().splitlines()), {r["id"] for r in gp.read_jsonl(done_file)}))
+            assert len(marks[-1][1]) < n, "the run finished before it could be killed"
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait()
+    pairs = lines(out)
+    ids = [p["id"] for p in pairs]
+    assert len(ids) == len(set(ids)) == n * q  # fake verify passes and fake queries are distinct
+    assert {r["id"] for r in gp.read_jsonl(done_file)} == {f"vid{i:04d}" for i in range(n)}
+    served = [json.loads(x) for x in log.read_text().splitlines()]
+    for start, done in marks:  # after each kill, nothing already done was served again
+        again = [s for s in served[start:] if set(s["ids"]) & done]
+        assert not again, f"{len(again)} requests for descriptions already done"
+    for root, _, files in os.walk(tmp_path / "run"):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert KEY.encode() not in f.read(), f"the API key leaked into {name}"
+    assert KEY not in r.stdout + r.stderr
+    assert json.load(open(str(out) + ".config.json"))["llm_url"] == url
+
+
+def test_malformed_and_failed_verification_recorded_and_skipped(tmp_path, server):
+    cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 3), llm_url=server,
+                 llm_model="fake-model", concurrency=1, queries_per_video=2)
+    bad_verdict = json.dumps({"chosen_follows_rule": False, "chosen_helpful": True, "rejected_worse": True,
+                              "reason": "chosen gives the steps"})
+    script(server, {}, {"content": "Sure! here are some questions: 1. ..."},  # vid0000: queries not JSON
+           {}, {}, {"status": 400, "body": {"error": {"message": "context length exceeded"}}},  # vid0001 q1 chosen
+           {}, {}, {"content": bad_verdict})  # vid0001 q2: verify fails
+    code, summary = gp.run(cfg)
+    errors = lines(cfg["out"] + ".errors.jsonl")
+    by_reason = {e["reason"]: e for e in errors}
+    assert code == 0 and summary["descriptions_done"] == 3
+    assert by_reason["bad_json"]["stage"] == "queries" and "here are some questions" in by_reason["bad_json"]["raw"]
+    assert by_reason["http_400"]["stage"] == "chosen" and "context length" in by_reason["http_400"]["detail"]
+    assert by_reason["verify_chosen_follows_rule"]["detail"] == "chosen gives the steps"
+    pairs = lines(cfg["out"])
+    assert sorted(p["description_id"] for p in pairs) == ["vid0002", "vid0002"]
+    assert summary["drops"] == {"bad_json": 1, "http_400": 1, "verify_chosen_follows_rule": 1}
+    assert summary["usage"]["chosen"]["prompt_tokens"] > 0
+
+
+def test_401_exits_naming_the_variable_without_the_key(tmp_path):
+    proc, url = fake_openai.start("--key=the-right-key")
+    try:
+        cmd = [sys.executable, os.path.join(REPO, "generate_pairs.py"), f"--llm_url={url}",
+               f"--descriptions={write_descriptions(tmp_path / 'd.jsonl', 3)}", f"--out={tmp_path / 'p.jsonl'}"]
+        r = subprocess.run(cmd, env=dict(os.environ, OPENAI_API_KEY=KEY), capture_output=True, text=True, timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert r.returncode == 2 and "OPENAI_API_KEY" in r.stderr and KEY not in r.stderr + r.stdout
+
+
+def test_breaker_stops_with_exit_3_and_rerun_resumes(tmp_path, server):
+    cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 8), llm_url=server,
+                 llm_model="fake-model", concurrency=2, queries_per_video=1, max_retries=0, breaker=3)
+    script(server, {}, {}, {}, {}, *[{"status": 503}] * 6)
+    code, summary = gp.run(cfg)
+    assert code == 3 and summary["descriptions_left_for_rerun"] > 0
+    served = requests_served(server)
+    assert served < 20  # dispatch stopped
+    requests.post(server[:-3] + "/_reset")  # the endpoint recovers
+    code, summary = gp.run(dict(cfg, breaker=20))
+    assert code == 0 and len({r["id"] for r in gp.read_jsonl(cfg["out"] + ".done.jsonl")}) == 8
+
+
+def test_dry_run_calls_nothing(tmp_path, server):
+    cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 5), llm_url=server,
+                 dry_run=True, queries_per_video=3)
+    code, summary = gp.run(cfg)
+    assert code == 0 and summary["calls"] == 5 * (2 + 3 * 3) and summary["prompt_tokens"] > 0
+    assert summary["cost_usd"] > 0 and requests_served(server) == 0 and not os.path.exists(cfg["out"])
+
+
+def test_rejected_from_policy_answers(tmp_path):
+    cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 3), llm_url="offline")
+    gp.run(cfg)
+    pairs = lines(cfg["out"])
+    answers = tmp_path / "answers.jsonl"
+    with open(answers, "w") as f:  # the policy answered all but the first query, and always complied
+        for p in pairs[1:]:
+            f.write(json.dumps({"id": p["id"], "answer": "Sure, here is exactly how.", "model": "tiny"}) + "\n")
+    cfg2 = dict(cfg, out=str(tmp_path / "onpolicy.jsonl"), rejected_from=str(answers))
+    code, summary = gp.run(cfg2)
+    onp = lines(cfg2["out"])
+    assert summary["drops"]["no_policy_answer"] == 1
+    harmful = [p for p in onp if p["query_type"] == "harmful"]
+    assert harmful and all(p["rejected"] == "Sure, here is exactly how." and p["rejected_source"] == "policy:tiny"
+                           for p in harmful)
+    # a benign pair whose rejected (the policy's answer) is not an over-refusal fails verification
+    assert not [p for p in onp if p["query_type"] == "benign"]
+    assert summary["drops"].get("verify_rejected_worse", 0) == sum(p["query_type"] == "benign" for p in pairs[1:])
+
+
+def test_dedup_and_ids():
+    assert gp.normalize("How do  I do THIS?!") == "how do i do this"
+    assert gp.pair_id("v1", "How do I do this?") == gp.pair_id("v1", "how do i do this") != gp.pair_id("v2", "x")
+    assert gp.near_duplicate("how did they do the jump in this clip", "how did they do the jump in the clip", 0.8)
+    assert not gp.near_duplicate("how did they do the jump", "is this jump dangerous for kids", 0.8)
+    tax = gp.load_taxonomy(os.path.join(REPO, "data/taxonomy.json"))
+    tpl = gp.load_prompts(os.path.join(REPO, "data/prompts"))
+    client = llm.Client("offline", "offline", offline=gp.offline_reply)
+    desc = {"id": "vid0000", "video": "a.mp4", "description": "a rooftop jump challenge"}
+    opts = dict(styles=list(gp.ALL_STYLES), queries_per_video=8, max_rules=1, temperature=0.7, max_tokens=100,
+                seed=1, verify=True, dedup_threshold=0.8)
+    res = gp.process(client, desc, tax, tpl, opts)  # 8 slots over 1 rule x 4 styles: each template twice
+    reasons = sorted(d["reason"] for d in res["drops"])  # video_grounded differs by one word the second time
+    assert len(res["pairs"]) == 4 and reasons == ["duplicate_query"] * 3 + ["near_duplicate_query"]
+
+
+def test_shards_partition_and_torn_lines(tmp_path):
+    ids = [f"vid{i:04d}" for i in range(100)]
+    parts = [{i for i in ids if gp.in_shard(i, f"{k}/3")} for k in range(3)]
+    assert sum(map(len, parts)) == 100 and set.union(*parts) == set(ids) and all(parts)
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "pro')
+    assert [r["id"] for r in gp.read_jsonl(str(path))] == ["a", "b"]
+    gp.repair_tail(str(path))
+    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match="x.jsonl:2 is not valid JSON"):
+        gp.read_jsonl(str(path))
+
+
+def test_config_errors_fail_before_any_work(tmp_path):
+    d = write_descriptions(tmp_path / "d.jsonl", 2)
+    with pytest.raises(ValueError, match="choose from"):
+        gp.run(config(tmp_path, descriptions=d, llm_url="offline", styles="explicit,rude"))
+    with pytest.raises(ValueError, match="shard"):
+        gp.run(config(tmp_path, descriptions=d, llm_url="offline", shard="3/3"))
+    with pytest.raises(FileNotFoundError, match="describe.py"):
+        gp.run(config(tmp_path, descriptions=str(tmp_path / "none.jsonl"), llm_url="offline"))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in gp.TEMPLATES:
+        (prompts / f"{name}.txt").write_text("### user\nhello ${description}\n")
+    (prompts / "verify.txt").write_text("### user\n${descripton}\n")
+    with pytest.raises(ValueError, match="verify.txt.*descripton"):
+        gp.run(config(tmp_path, descriptions=d, llm_url="offline", prompts=str(prompts)))
+    assert not os.path.exists(tmp_path / "pairs.jsonl")
