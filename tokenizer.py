@@ -109,12 +109,12 @@ class Tokenizer:
     """encode/decode equal `tokenizers.Tokenizer.from_file(tokenizer.json).encode(text, add_special_tokens=False)`."""
 
     def __init__(self, enc, normalize, special, family=None, eos_id=None, stop_ids=(), pad_id=None,
-                 video_token_id=None, image_token_id=None):
+                 video_token_id=None, image_token_id=None, skip_ids=None):
         self.enc = enc                  # tiktoken.Encoding; ranks = token ids
         self.normalize = normalize      # "NFC" or None, applied per segment between added tokens
-        self.special = special          # {added-token string: id}
+        self.special = special          # {added-token string: id}, all matched in raw text
         self.family = family
-        self._special_ids = set(special.values())
+        self._skip_ids = set(special.values()) if skip_ids is None else set(skip_ids)  # those with special=true
         # longest first: HF splits on added tokens leftmost-longest ("<|im_end|>" before a hypothetical "<|im")
         alternatives = sorted(special, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if special else None
@@ -126,7 +126,11 @@ class Tokenizer:
     def from_pretrained(cls, path):
         """Build from a checkpoint directory (or a tokenizer.json path). Family, special ids and stop ids come from
         the directory's config.json / generation_config.json / tokenizer_config.json when present."""
-        directory, file = (os.path.dirname(path), path) if path.endswith(".json") else (path, os.path.join(path, "tokenizer.json"))
+        path = os.fspath(path)
+        if path.endswith(".json"):
+            directory, file = os.path.dirname(path), path
+        else:
+            directory, file = path, os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
             raise ValueError(f"no tokenizer.json at {file}: point at a Hugging Face checkpoint directory that has one "
                              "(a slow-tokenizer-only checkpoint must be converted with transformers first)")
@@ -153,7 +157,8 @@ class Tokenizer:
             with open(p, encoding="utf-8") as f:
                 return json.load(f)
 
-        config, generation, tok_config = read("config.json"), read("generation_config.json"), read("tokenizer_config.json")
+        config, generation = read("config.json"), read("generation_config.json")
+        tok_config = read("tokenizer_config.json")
         family = config.get("model_type")
 
         def token_id(key, name):
@@ -174,10 +179,12 @@ class Tokenizer:
         eos = generation.get("eos_token_id", config.get("eos_token_id"))
         stops = [eos_id] + (eos if isinstance(eos, list) else [eos]) + [special.get("<|endoftext|>")]
         stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
-        pad_id = named(tok_config.get("pad_token")) or special.get("<|endoftext|>", eos_id)
+        pad_id = named(tok_config.get("pad_token"))
+        pad_id = pad_id if pad_id is not None else special.get("<|endoftext|>", eos_id)
         return cls(enc, "NFC" if normalizer else None, special, family=family, eos_id=eos_id, stop_ids=stop_ids,
                    pad_id=pad_id, video_token_id=token_id("video_token", "<video>"),
-                   image_token_id=token_id("image_token", "<image>"))
+                   image_token_id=token_id("image_token", "<image>"),
+                   skip_ids={t["id"] for t in added if t.get("special")})
 
     def encode(self, text):
         """text -> ids; added-token strings anywhere in the text become their ids (HF's add_special_tokens=False)."""
@@ -193,9 +200,10 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special=False):
-        """ids -> text; invalid UTF-8 (a reply cut mid-character) becomes U+FFFD as in HF's ByteLevel decoder."""
+        """ids -> text; invalid UTF-8 (a reply cut mid-character) becomes U+FFFD as in HF's ByteLevel decoder.
+        skip_special drops the added tokens marked special, like HF's skip_special_tokens."""
         if skip_special:
-            ids = [i for i in ids if i not in self._special_ids]
+            ids = [i for i in ids if i not in self._skip_ids]
         return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def encode_prompt(self, text, num_video_tokens):

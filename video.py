@@ -101,7 +101,10 @@ def _rgb(frame, size):
 
 
 def read_frames(path, num_frames, max_side=1024, seek_gap=2.0):
-    """Read `num_frames` frames uniformly in time (policy in the module docstring).
+    """Read `num_frames` frames uniformly in time (policy in the module docstring). `max_side`: frames whose longer
+    side exceeds it are scaled down while decoding (a 4K RGB frame is 25 MB and the models resize to 384/336 anyway);
+    None keeps full resolution, which is what bit-parity with an HF pipeline fed full frames needs. `seek_gap`
+    (seconds): without a seek index, seek only when the next target is further ahead than this.
 
     Returns frames uint8 (num_frames, H, W, 3) in display orientation, and info: timestamps (s, per output frame),
     targets (s), duration (s), start_time (s), unique_frames, original_size (H, W displayed, before scaling), size
@@ -211,7 +214,7 @@ def _seek(container, stream, t, start, tb):
 # preprocessing per family
 
 def preprocess(frames, family, image_size):
-    """uint8 frames (F, H, W, 3) (numpy or torch) -> float32 pixel_values (F, 3, S, S), as the family's HF video
+    """uint8 frames (F, H, W, 3) (numpy or CPU torch) -> float32 pixel_values (F, 3, S, S), as the family's HF video
     processor computes them on CPU (reference/hf_checkpoints.md §2.3, §3.3):
     - llava_onevision: resize to exactly S×S (aspect not kept);
     - llava_next_video: resize the shortest edge to S (long edge int(S·long/short)), centre-crop S×S;

@@ -46,10 +46,11 @@ def corner_frame(index=0, height=HEIGHT, width=WIDTH):
 
 def write_video(path, num_frames=None, fps=10, times=None, gop=None, rotation=None, faststart=False,
                 frame_fn=code_frame, size=(HEIGHT, WIDTH), audio=False, codec="libx264", preset="ultrafast"):
-    """Write a video (H.264 by default; the container follows the file extension) and return its path. Constant rate: `num_frames` at `fps`. Variable rate: `times`, the
-    presentation time of each frame in seconds (1 ms time base). `gop`: keyframe interval in frames.
-    `frame_fn(index, height, width)` draws frame `index`. `rotation`: display-matrix rotation, degrees counter-clockwise (PyAV's convention). `faststart`: moov atom
-    before the media data. `audio`: also a silent AAC track. `preset`: x264's; "medium" adds B-frames."""
+    """Write a video (H.264 by default; the container follows the file extension) and return its path.
+    Constant rate: `num_frames` at `fps`. Variable rate: `times`, each frame's presentation time in seconds (1 ms
+    time base). `gop`: keyframe interval in frames. `frame_fn(index, height, width)` draws frame `index`.
+    `rotation`: display-matrix rotation, degrees counter-clockwise (PyAV's convention). `faststart`: moov atom before
+    the media data. `audio`: also a silent AAC track. `preset`: x264's; "medium" adds B-frames."""
     times = list(times) if times is not None else [i / fps for i in range(num_frames)]
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as container:

@@ -129,7 +129,8 @@ CONVERSATIONS = [
      {"role": "user", "content": [{"type": "text", "text": "Why is this video funny?"}, {"type": "video"}]}],
     [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q1"}]},
      {"role": "assistant", "content": [{"type": "text", "text": "A1"}]},
-     {"role": "user", "content": [{"type": "text", "text": "Q2 "}, {"type": "image"}, {"type": "text", "text": "end"}]}],
+     {"role": "user", "content": [{"type": "text", "text": "Q2 "}, {"type": "image"},
+                                  {"type": "text", "text": "end"}]}],
     [{"role": "user", "content": [{"type": "text", "text": "no media, ünïcödé\r\n"}]}],
 ]
 
