@@ -495,7 +495,7 @@ if __name__ == "__main__":
         save_config(config, config["out"] + ".config.json")
     try:
         exit_code, _ = run(config)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, llm.FatalError) as e:
         print(f"error: {e}", file=sys.stderr)
         exit_code = 2
     sys.exit(exit_code)

@@ -321,7 +321,7 @@ class Client:
                                         timeout=(self.timeout[0], max(0.001, min(self.timeout[1], left))))
             except requests.Timeout as e:
                 kind, message = "timeout", self.scrub(e)
-            except requests.ConnectionError as e:
+            except requests.RequestException as e:  # refused, reset, dropped mid-body (ChunkedEncodingError)
                 kind, message = "connection", self.scrub(e)
             else:
                 raw = self.scrub(r.text)
@@ -329,11 +329,11 @@ class Client:
                     return self._check_body(r, raw)
                 message = f"HTTP {r.status_code} from {self.url}: {server_message(raw)}"
                 if r.status_code in (401, 403):
-                    raise FatalError(f"{self.url} answered HTTP {r.status_code} ({server_message(raw)}): set "
-                                     "OPENAI_API_KEY to a key this endpoint accepts, and OPENAI_BASE_URL (or "
-                                     "llm_url) to the right endpoint")
+                    raise self._fatal(f"{self.url} answered HTTP {r.status_code} ({server_message(raw)}): set "
+                                      "OPENAI_API_KEY to a key this endpoint accepts, and OPENAI_BASE_URL (or "
+                                      "llm_url) to the right endpoint")
                 if r.status_code == 404:
-                    raise FatalError(self._explain_404(raw))
+                    raise self._fatal(self._explain_404(raw))
                 if r.status_code not in RETRY_STATUS and r.status_code < 500:
                     raise ItemError(f"http_{r.status_code}", message, raw=raw)
                 kind = "http_5xx" if r.status_code >= 500 else f"http_{r.status_code}"
@@ -363,6 +363,12 @@ class Client:
         with self.lock:
             self.failures = 0
         return raw
+
+    def _fatal(self, message):
+        """A FatalError that also stops every other thread's next call (they would hit the same wall)."""
+        with self.lock:
+            self.broken = self.broken or FatalError(message)
+        return self.broken
 
     def _transport_failure(self):
         with self.lock:
@@ -453,9 +459,14 @@ class Client:
                     break
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
-                    item, err = pending.pop(fut), fut.exception()
+                    item = pending.pop(fut)
+                    if fut.cancelled():
+                        continue
+                    err = fut.exception()
                     if isinstance(err, FatalError):
                         fatal = fatal or err
+                        for other in pending:  # queued, not started: never run them
+                            other.cancel()
                         continue
                     yield (item, None, err) if err else (item, fut.result(), None)
         if fatal:
