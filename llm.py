@@ -26,7 +26,9 @@ One client for every LLM call in the project (pair generation, judging): OpenAI-
     #    benign items: {"label": "over_refusal" | "helpful", ...}
 
   Real judges may ask for `logprobs=True, top_logprobs=5`; reply.top_logprobs then holds, per generated token,
-  {token: logprob} of the alternatives (None when the server sent none, e.g. offline).
+  {token: logprob} of the alternatives (None when the server sent none, e.g. offline). A one-token score
+  (`max_tokens=1`) ends with finish_reason "length": pass `allow_length=True`. Text from models shown to a judge
+  belongs inside delimiters whose boundary is a hash of that text (unguessable by it, yet stable, so cacheable).
 """
 import concurrent.futures as cf
 import email.utils
@@ -262,17 +264,19 @@ class Client:
 
     # -- one request --------------------------------------------------------------------------------------------
 
-    def chat(self, messages, tag="chat", schema=None, meta=None, **params):
+    def chat(self, messages, tag="chat", schema=None, meta=None, allow_length=False, **params):
         """One chat completion. schema: a JSON schema (subset, see validate) the reply must match; reply.data holds
-        the parsed object. meta: caller data for the offline responder (never sent). params: temperature,
-        max_tokens, seed, logprobs, top_logprobs, ... passed through. Raises ItemError / FatalError."""
+        the parsed object. meta: caller data for the offline responder (never sent). allow_length: accept
+        finish_reason "length" as final (a one-token verdict with max_tokens=1 always ends that way); otherwise it
+        is retried once with double max_tokens, then an ItemError. params: temperature, max_tokens, seed,
+        logprobs, top_logprobs, ... passed through. Raises ItemError / FatalError."""
         if self.offline:
             text = self.respond(messages, tag, meta)
             body = {"choices": [{"message": {"content": text}, "finish_reason": "stop"}], "usage": {}}
-            return self._parse(json.dumps(body), schema, tag, cached=False)
+            return self._parse(json.dumps(body), schema, tag, cached=False, allow_length=False)
         for budget_retry in (False, True):
-            reply = self._chat_once(messages, tag, schema, params)
-            if reply.finish_reason != "length":
+            reply = self._chat_once(messages, tag, schema, params, allow_length)
+            if reply.finish_reason != "length" or allow_length:
                 return reply
             if budget_retry:
                 raise ItemError("truncated", "finish_reason=length twice, the second time with a doubled "
@@ -290,23 +294,23 @@ class Client:
             body["messages"] = messages[:-1] + [dict(messages[-1], content=messages[-1]["content"] + note)]
         return body
 
-    def _chat_once(self, messages, tag, schema, params):
+    def _chat_once(self, messages, tag, schema, params, allow_length):
         body = self._body(messages, schema, params)
         key = request_key(body)
         raw = self.cache.get(key) if self.cache else None
         if raw is not None:
-            return self._parse(raw, schema, tag, cached=True)
+            return self._parse(raw, schema, tag, True, allow_length)
         try:
             raw = self._post(body)
         except ItemError as e:
             if e.kind == "http_400" and schema is not None and self.structured and re.search(
                     r"response_format|json_schema|guided|grammar", e.raw, re.I):
                 self.structured = False  # sticky for this client: the endpoint does not do structured output
-                return self._chat_once(messages, tag, schema, params)
+                return self._chat_once(messages, tag, schema, params, allow_length)
             raise
         if self.cache:
             self.cache.put(key, raw)
-        return self._parse(raw, schema, tag, cached=False)
+        return self._parse(raw, schema, tag, False, allow_length)
 
     def _post(self, body):
         """POST with retries; returns the raw 200 body (a JSON object) or raises."""
@@ -392,7 +396,7 @@ class Client:
         return (f"model {self.model!r} is not served at {self.url} ({server_message(raw)}); models there: "
                 f"{', '.join(map(str, ids)) or '(none)'}; set llm_model to one of them")
 
-    def _parse(self, raw, schema, tag, cached):
+    def _parse(self, raw, schema, tag, cached, allow_length):
         """Classify a 200 body; return a Reply or raise ItemError (retryable=False: the same request would get the
         same cached answer)."""
         obj = json.loads(raw)
@@ -415,7 +419,7 @@ class Client:
         if content_lp:
             top = [{t["token"]: t["logprob"] for t in (pos.get("top_logprobs") or [pos])} for pos in content_lp]
         reply = Reply(text=text, finish_reason=finish, usage=usage, top_logprobs=top, cached=cached)
-        if schema is not None and finish != "length":
+        if schema is not None and (finish != "length" or allow_length):
             try:
                 obj = extract_json(text)
             except ValueError as e:

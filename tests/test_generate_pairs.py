@@ -102,6 +102,7 @@ def test_kill9_twice_then_rerun_every_id_once(tmp_path):
             deadline = time.time() + 60
             while time.time() < deadline and (not os.path.exists(done_file) or
                                               sum(1 for _ in open(done_file)) < target):
+                assert p.poll() is None, p.stderr.read().decode()[-2000:]  # died or finished before the kill
                 time.sleep(0.05)
             os.kill(p.pid, signal.SIGKILL)
             p.wait()

@@ -145,6 +145,14 @@ def test_length_retried_once_with_doubled_budget(server):
         client(server).chat(MSG, schema=SCHEMA, max_tokens=100)
 
 
+def test_one_token_verdict_with_logprobs(server):
+    # the judge's RJScore call: one token, top_logprobs of "1".."5"; finish_reason "length" is expected there
+    script(server, {"content": "2", "finish_reason": "length", "logprobs": [{"2": -0.2, "1": -1.8, "3": -3.0}]})
+    reply = client(server).chat(MSG, tag="judge", max_tokens=1, logprobs=True, top_logprobs=3, allow_length=True)
+    assert reply.text == "2" and reply.top_logprobs[0] == {"2": -0.2, "1": -1.8, "3": -3.0}
+    assert stats(server)["requests"] == 1
+
+
 def test_structured_output_falls_back_to_prompt_json(server):
     script(server, {"status": 400, "body": {"error": {"message": "response_format json_schema is not supported"}}},
            {"content": "{\"score\": 3, \"reason\": \"ok\"}"})
