@@ -65,8 +65,8 @@ def _open(path):
     if os.path.getsize(path) == 0:
         raise VideoError(path, "empty_file", "0 bytes; the download or copy probably failed")
     try:
-        container = av.open(path)
-    except av.error.FFmpegError as e:
+        container = av.open(path, metadata_errors="replace")  # a damaged tag must not fail the read
+    except (av.error.FFmpegError, OSError, ValueError) as e:
         raise VideoError(path, "open_error", e) from e
     # cover art in audio files is a one-picture "video" stream flagged attached_pic: not a video
     streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
@@ -74,22 +74,30 @@ def _open(path):
         kinds = [s.type for s in container.streams] or ["none"]
         container.close()
         raise VideoError(path, "no_video_stream", f"streams found: {', '.join(kinds)}")
+    if streams[0].codec_context is None:
+        container.close()
+        raise VideoError(path, "decode_error", "FFmpeg has no decoder for its video codec")
     return container, streams[0]
 
 
 def _duration(container, stream):
-    """Stream duration in stream.time_base units: from the stream header, else the container header, else a scan of
-    packet timestamps (demux only, no decoding)."""
+    """Stream duration in stream.time_base units. The stream header's when written (mp4, ts); otherwise (Matroska/WebM)
+    measured: seek to the last keyframe and demux, without decoding, to the end. The container's duration only aims
+    that seek, because formats disagree on whether it counts the start offset (mkv: a clip at 5-7 s says 7 s)."""
     if stream.duration:
         return stream.duration
-    if container.duration:
-        return int(Fraction(container.duration, av.time_base) / stream.time_base)
     start = stream.start_time or 0
+    guess = start + int(Fraction(container.duration or 0, av.time_base) / stream.time_base)
     end = start
-    for packet in container.demux(stream):
-        if packet.pts is not None:
-            end = max(end, packet.pts + (packet.duration or 0))
-    container.seek(0)  # rewind for decoding
+    for aim in (guess, start):  # the tail after the last keyframe, else (seek refused, nothing there) everything
+        try:
+            container.seek(aim, backward=True, stream=stream)
+        except av.error.FFmpegError:
+            continue
+        end = max((p.pts + (p.duration or 0) for p in container.demux(stream) if p.pts is not None), default=start)
+        if end > start:
+            break
+    container.seek(start, backward=True, stream=stream)  # rewind for decoding
     return end - start
 
 
@@ -117,7 +125,7 @@ def read_frames(path, num_frames, max_side=1024, seek_gap=2.0):
     try:
         with container:
             return _read(container, stream, path, num_frames, max_side, seek_gap)
-    except av.error.FFmpegError as e:
+    except (av.error.FFmpegError, OSError, ValueError) as e:  # FFmpeg's errors, and PyAV's on damaged data
         raise VideoError(path, "decode_error", e) from e
 
 

@@ -93,6 +93,36 @@ def test_no_index_container_and_audio_track(tmp_path):
     assert [frame_index(f) for f in frames] == [2, 7, 12, 17]
 
 
+@pytest.mark.parametrize("name", ["late.mp4", "late.mkv"])
+def test_nonzero_start_time(tmp_path, name):
+    # a clip whose first frame is at 5 s; Matroska writes no stream duration and a container duration that counts
+    # the 5 s offset, so the reader must measure the stream's end itself
+    path = write_video(tmp_path / name, times=[5.0 + i * 0.1 for i in range(20)])
+    frames, info = read_frames(path, 4)
+    assert info["start_time"] == pytest.approx(5.0) and info["duration"] == pytest.approx(2.0, abs=0.05)
+    assert [frame_index(f) for f in frames] == [2, 7, 12, 17]
+
+
+def test_damaged_files_raise_only_video_error(tmp_path):
+    """Random byte damage anywhere (headers, tags, media data): frames of the right shape, or a VideoError."""
+    clean = write_video(tmp_path / "clean.mp4", 30, gop=10, preset="medium").read_bytes()
+    rng = np.random.default_rng(0)
+    reasons = set()
+    for trial in range(60):
+        damaged = bytearray(clean)
+        for at in rng.integers(0, len(clean), rng.choice([1, 10, 100])):
+            damaged[at] = rng.integers(0, 256)
+        path = tmp_path / "damaged.mp4"
+        path.write_bytes(bytes(damaged))
+        try:
+            frames, _ = read_frames(path, 3)
+            assert frames.shape[0] == 3 and frames.dtype == np.uint8
+            reasons.add("ok")
+        except VideoError as e:
+            reasons.add(e.reason)
+    assert "ok" in reasons and len(reasons) >= 3  # the damage did hit several different code paths
+
+
 def test_max_side_scales_at_decode(tmp_path):
     path = write_video(tmp_path / "big.mp4", 3, size=(480, 640))
     frames, info = read_frames(path, 3, max_side=100)
