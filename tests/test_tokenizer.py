@@ -99,6 +99,21 @@ def test_trained_tokenizer_matches_tokenizers(trained):
     assert tok.eos_id in tok.stop_ids
 
 
+def test_gpt2_style_bytelevel_matches_tokenizers(tmp_path):
+    """The other byte-level layout: a bare ByteLevel(use_regex=true) pre-tokenizer (GPT-2's regex), no normalizer."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(TRAIN + corpus(200, seed=7), trainers.BpeTrainer(
+        vocab_size=800, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.add_special_tokens(["<|endoftext|>"])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_pretrained(str(tmp_path / "tokenizer.json"))
+    assert tok.normalize is None
+    assert mismatches(tok, tk, corpus(seed=3)) == (0, [])
+
+
 def test_roundtrip(trained):
     tok = Tokenizer.from_pretrained(str(trained[0]))
     texts = [t for t in corpus(seed=1) if unicodedata.is_normalized("NFC", t)]
