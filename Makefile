@@ -19,7 +19,9 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
 
+# the mini set (tiny random checkpoint + synthetic videos), then one forward and one generation
 demo: $(VENV)/.runtime
-	$(PY) demo.py
+	$(PY) data/demo/prepare.py --out=out/demo
+	$(PY) model.py out/demo/model
 
 .PHONY: test demo

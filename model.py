@@ -1,0 +1,648 @@
+"""
+The video LLM, hand-written: a ViT vision tower (SigLIP or CLIP), a 2-layer projector, spatial pooling of each frame's
+patch grid, and a decoder-only LM (Qwen2 or Llama). Loads Hugging Face `llava_onevision` and `llava_next_video`
+checkpoints and matches transformers' logits (tests/test_model.py). The exact math, with the traps, is in
+shared/reference/hf_checkpoints.md; section numbers below (§) point there.
+
+Module names equal the 4.x hub checkpoint names (`language_model.model.layers.0.self_attn.q_proj.weight`, ...), so
+loading is an identity map after normalising the three key layouts found in the wild (§2.2).
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from kernels import attention
+
+FAMILIES = ("llava_onevision", "llava_next_video")
+# files copied next to the weights by save_pretrained, so a saved dir is a complete checkpoint
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+              "chat_template.jinja", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+              "video_preprocessor_config.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+# -----------------------------------------------------------------------------
+# config: everything derived from config.json, with the class defaults the hub configs omit (§4.11)
+
+
+@dataclass
+class VisionConfig:
+    kind: str  # "siglip" or "clip"
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    patch_size: int
+    image_size: int
+    eps: float
+    act: str  # "gelu_pytorch_tanh" (SigLIP) or "quick_gelu" (CLIP)
+
+    @property
+    def grid(self):  # patches per side
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rope_factor: float  # linear RoPE scaling (1.0 = none)
+    eps: float
+    qkv_bias: bool  # Qwen2 has q/k/v biases, Llama none
+
+
+@dataclass
+class VLMConfig:
+    family: str
+    vision: VisionConfig
+    text: TextConfig
+    video_token_id: int
+    image_token_id: int
+    feature_layers: list  # vision hidden-state indices (negative count from the end), concatenated if several
+    select_strategy: str  # "full" keeps every patch; "default" drops token 0 (CLIP's CLS)
+    tie_word_embeddings: bool
+    raw: dict = field(repr=False, default_factory=dict)  # the config.json as read, written back by save_pretrained
+
+
+VISION_DEFAULTS = {  # transformers' SiglipVisionConfig / CLIPVisionConfig defaults
+    "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   patch_size=16, image_size=224, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"),
+    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 patch_size=32, image_size=224, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
+}
+TEXT_DEFAULTS = {  # Qwen2Config / LlamaConfig defaults
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6, attention_bias=True),
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, rms_norm_eps=1e-6, attention_bias=False),
+}
+FAMILY_PARTS = {"llava_onevision": ("siglip", "qwen2"), "llava_next_video": ("clip", "llama")}
+
+
+def parse_config(raw):
+    """config.json dict -> VLMConfig. Raises ValueError for a family we do not implement."""
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        raise ValueError(f"config.json has model_type {family!r}; supported: {', '.join(FAMILIES)}")
+    vision_kind, text_kind = FAMILY_PARTS[family]
+    v = {**VISION_DEFAULTS[vision_kind], **{k: x for k, x in raw.get("vision_config", {}).items() if x is not None}}
+    t = {**TEXT_DEFAULTS[text_kind], **{k: x for k, x in raw.get("text_config", {}).items() if x is not None}}
+    if t.get("num_key_value_heads") is None:
+        t["num_key_value_heads"] = t["num_attention_heads"]
+    if text_kind == "qwen2":
+        t["attention_bias"] = True  # Qwen2 always has q/k/v biases; the config has no switch for it
+    # RoPE (§2.1): transformers 5 writes rope_parameters, 4.x rope_theta + rope_scaling; a top-level `factor` is ignored
+    rope = t.get("rope_parameters") or {}
+    scaling = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise ValueError(f"text_config RoPE type {rope_type!r} is not supported (only default and linear)")
+    layer = raw.get("vision_feature_layer", -1 if family == "llava_onevision" else -2)
+    video_id = raw.get("video_token_index", raw.get("video_token_id"))
+    image_id = raw.get("image_token_index", raw.get("image_token_id"))
+    if video_id is None:
+        video_id = 151647 if family == "llava_onevision" else 32000  # the classes' defaults
+    cfg = VLMConfig(
+        family=family,
+        vision=VisionConfig(kind=vision_kind, hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                            num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+                            patch_size=v["patch_size"], image_size=v["image_size"], eps=v["layer_norm_eps"],
+                            act=v["hidden_act"]),
+        text=TextConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+                        intermediate_size=t["intermediate_size"], num_layers=t["num_hidden_layers"],
+                        num_heads=t["num_attention_heads"], num_kv_heads=t["num_key_value_heads"],
+                        head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
+                        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+                        rope_factor=float(scaling.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+                        eps=t["rms_norm_eps"], qkv_bias=bool(t["attention_bias"])),
+        video_token_id=video_id,
+        image_token_id=image_id if image_id is not None else (151646 if family == "llava_onevision" else 32001),
+        feature_layers=[layer] if isinstance(layer, int) else list(layer),
+        select_strategy=raw.get("vision_feature_select_strategy", "full" if family == "llava_onevision" else "default"),
+        # transformers forces the top-level flag on when the text config says tied: use the OR (§2.1)
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False)),
+        raw=raw,
+    )
+    assert cfg.text.num_heads % cfg.text.num_kv_heads == 0, "query heads must be a multiple of kv heads"
+    assert cfg.vision.hidden_size % cfg.vision.num_heads == 0
+    assert cfg.select_strategy in ("full", "default"), cfg.select_strategy
+    return cfg
+
+# -----------------------------------------------------------------------------
+# vision tower (SigLIP / CLIP share the block; §1.1)
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = (proj(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, nh, N, hd)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        o = attention(q, k, v, causal=False)  # bidirectional, no mask
+        return self.out_proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.act = quick_gelu if c.act == "quick_gelu" else lambda x: F.gelu(x, approximate="tanh")
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.eps)
+        self.self_attn = VisionAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.eps)
+        self.mlp = VisionMLP(c)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        clip = c.kind == "clip"
+        self.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size, bias=not clip)
+        self.position_embedding = nn.Embedding(c.grid ** 2 + clip, c.hidden_size)  # CLIP: row 0 is the CLS slot
+        if clip:
+            self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
+
+    def forward(self, pixels):  # (N, 3, S, S) -> (N, P(+1), D)
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        if hasattr(self, "class_embedding"):
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.position_embedding.weight
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionBlock(c) for _ in range(c.num_layers))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(c)
+        if c.kind == "clip":
+            self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.eps)  # sic: the checkpoint's spelling
+        self.encoder = VisionEncoder(c)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.eps)  # loaded and saved, unused by LLaVA (§1.2)
+
+    def forward(self, pixels, layer_indices):
+        """Hidden states at `layer_indices` of the list [embeddings, layer 1 out, ..., layer L out] (§1.2),
+        concatenated on the feature dim. Layers past the deepest one asked for are not run."""
+        L = len(self.encoder.layers)
+        wanted = [i % (L + 1) for i in layer_indices]  # -1 -> L, -2 -> L-1
+        x = self.embeddings(pixels)
+        if hasattr(self, "pre_layrnorm"):
+            x = self.pre_layrnorm(x)
+        states = {0: x}
+        for i, layer in enumerate(self.encoder.layers[:max(wanted)], start=1):
+            x = layer(x)
+            states[i] = x
+        return torch.cat([states[i] for i in wanted], dim=-1)
+
+
+class Projector(nn.Module):
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))  # exact erf GELU (§1.3)
+
+# -----------------------------------------------------------------------------
+# decoder LM (Qwen2 / Llama share it; §1.4)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)  # cast back, then scale: the HF order
+
+
+def rope_cos_sin(position_ids, c, dtype):
+    """cos, sin (B, T, hd) for rotate-half RoPE with +theta (§1.5); inverse frequencies in fp32."""
+    exponent = torch.arange(0, c.head_dim, 2, device=position_ids.device).float() / c.head_dim
+    inv_freq = 1.0 / (c.rope_theta ** exponent) / c.rope_factor  # linear scaling divides positions by the factor
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x (B, nh, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, layout=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.c.num_heads, -1).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.c.num_kv_heads, -1).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.c.num_kv_heads, -1).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:  # training / scoring: one op that knows causal, padding and prefix-shared pairs
+            o = attention(q, k, v, causal=True, layout=layout)
+        else:  # generate: append to the preallocated cache, attend to every valid slot so far
+            k_buf, v_buf, start, mask = cache  # bufs (B, nkv, Tmax, hd); mask (B, 1, T, start+T) bool
+            k_buf[:, :, start:start + T] = k
+            v_buf[:, :, start:start + T] = v
+            o = F.scaled_dot_product_attention(q, k_buf[:, :, :start + T], v_buf[:, :, :start + T],
+                                               attn_mask=mask, enable_gqa=True)  # GQA without copying K/V
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.eps)
+        self.self_attn = SelfAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, layout=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.eps)
+
+# -----------------------------------------------------------------------------
+# the VLM
+
+
+class VLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.vision_tower = nn.ModuleDict(dict(vision_model=VisionTransformer(c.vision)))
+        self.multi_modal_projector = Projector(c.vision.hidden_size * len(c.feature_layers), c.text.hidden_size)
+        # OV appends it once per video after the last frame; NV stores it for images only (unused here)
+        self.image_newline = nn.Parameter(torch.empty(c.text.hidden_size))
+        lm = dict(model=TextModel(c.text))
+        if not c.tie_word_embeddings:
+            lm["lm_head"] = nn.Linear(c.text.hidden_size, c.text.vocab_size, bias=False)
+        self.language_model = nn.ModuleDict(lm)
+        self.source_dir = None  # where from_pretrained read us: tokenizer files are copied from there on save
+
+    @property
+    def lm_head_weight(self):  # (V, H)
+        lm = self.language_model
+        return lm.lm_head.weight if "lm_head" in lm else lm.model.embed_tokens.weight
+
+    def tokens_per_frame(self):
+        g = self.config.vision.grid
+        return math.ceil(g / 2) ** 2 if self.config.family == "llava_onevision" else (g // 2) ** 2
+
+    def num_video_tokens(self, num_frames):
+        """How many <video> ids one video expands to: OV F·⌈g/2⌉²+1 (one newline), NV F·⌊g/2⌋²."""
+        return num_frames * self.tokens_per_frame() + (self.config.family == "llava_onevision")
+
+    def video_features(self, pixel_values_videos):
+        """(B, F, 3, S, S) preprocessed frames -> (B, num_video_tokens(F), H) rows for the <video> positions."""
+        c = self.config
+        B, nf = pixel_values_videos.shape[:2]
+        x = self.vision_tower.vision_model(pixel_values_videos.flatten(0, 1), c.feature_layers)  # (B·F, P, Dv)
+        if c.select_strategy == "default":
+            x = x[:, 1:]  # drop CLS
+        g = c.vision.grid
+        assert x.shape[1] == g * g, f"vision tower gave {x.shape[1]} patches, expected {g}x{g}"
+        if c.family == "llava_onevision":  # projector first, then a bilinear *resize* to ⌈g/2⌉² (§2.4)
+            x = self.multi_modal_projector(x).view(B * nf, g, g, -1).permute(0, 3, 1, 2)  # (B·F, H, g, g)
+            x = F.interpolate(x, size=(math.ceil(g / 2),) * 2, mode="bilinear", align_corners=False)
+            x = x.permute(0, 2, 3, 1).reshape(B, -1, x.shape[1])  # (B, F·s², H)
+            return torch.cat([x, self.image_newline.to(x.dtype).expand(B, 1, -1)], dim=1)
+        # llava_next_video: 2x2 average pooling on the vision features, then the projector (§3.4)
+        x = x.view(B * nf, g, g, -1).permute(0, 3, 1, 2)
+        x = F.avg_pool2d(x, kernel_size=2, stride=2).flatten(2).transpose(1, 2)  # (B·F, (g/2)², Dv)
+        return self.multi_modal_projector(x).reshape(B, -1, self.config.text.hidden_size)
+
+    def embed(self, input_ids, pixel_values_videos=None, video_features=None):
+        """Token embeddings with video feature rows scattered, in row-major order, into the <video> positions."""
+        x = self.language_model.model.embed_tokens(input_ids)  # (B, T, H)
+        is_video = input_ids == self.config.video_token_id
+        if video_features is None and pixel_values_videos is not None:
+            video_features = self.video_features(pixel_values_videos)
+        n_slots = int(is_video.sum())
+        n_rows = 0 if video_features is None else video_features.shape[0] * video_features.shape[1]
+        if n_slots != n_rows:
+            raise ValueError(f"input_ids hold {n_slots} video tokens but the videos give {n_rows} feature rows; "
+                             f"expand <video> to model.num_video_tokens(num_frames) ids per video")
+        if n_rows:
+            x = x.masked_scatter(is_video[..., None], video_features.to(x.dtype))
+        return x
+
+    def forward(self, input_ids, pixel_values_videos=None, position_ids=None, layout=None, video_features=None,
+                return_hidden=False):
+        """Logits (B, T, V), or final-normed hidden states (B, T, H) with return_hidden=True.
+        position_ids (B, T) default 0..T-1 (the caller restarts them for a prefix-shared second branch);
+        layout (B, 3) rows [P, C, R] as in kernels.attention (None: plain causal)."""
+        x = self.embed(input_ids, pixel_values_videos, video_features)
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        h = self.decode(x, position_ids, layout)
+        return h if return_hidden else F.linear(h, self.lm_head_weight)
+
+    def decode(self, x, position_ids, layout=None, caches=None):
+        lm = self.language_model.model
+        cos, sin = rope_cos_sin(position_ids, self.config.text, x.dtype)
+        for i, layer in enumerate(lm.layers):
+            x = layer(x, cos, sin, layout, None if caches is None else caches[i])
+        return lm.norm(x)
+
+    @torch.no_grad()
+    def generate(self, prompts, pixel_values_videos=None, video_features=None, max_new_tokens=64, temperature=0.0,
+                 top_p=1.0, stop_ids=(), seed=None):
+        """Batched generation with a KV cache. prompts: list of token-id lists (left-padded here; a video row holds
+        num_video_tokens ids). Greedy when temperature == 0, else temperature + nucleus (top_p) sampling.
+        Returns each row's new ids, the stop token excluded."""
+        device, dtype = self.lm_head_weight.device, self.lm_head_weight.dtype
+        B, T0 = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(B, T0, dtype=torch.long, device=device)
+        valid = torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real (non-pad) key slots
+        for i, p in enumerate(prompts):
+            ids[i, T0 - len(p):] = torch.tensor(p, device=device)
+            valid[i, T0 - len(p):T0] = True
+        x = self.embed(ids, pixel_values_videos, video_features)
+        positions = (valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+        c = self.config.text
+        kv = [(torch.empty(B, c.num_kv_heads, T0 + max_new_tokens, c.head_dim, device=device, dtype=dtype),
+               torch.empty(B, c.num_kv_heads, T0 + max_new_tokens, c.head_dim, device=device, dtype=dtype))
+              for _ in range(c.num_layers)]
+        # prefill mask: causal over real keys; a pad query sees itself only, so no row is empty (no NaN)
+        causal = torch.ones(T0, T0, dtype=torch.bool, device=device).tril()
+        mask = (causal & valid[:, None, :T0]) | torch.eye(T0, dtype=torch.bool, device=device)
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=device)
+        start, last_pos = 0, positions[:, -1]
+        for _ in range(max_new_tokens):
+            caches = [(k, v, start, mask[:, None]) for k, v in kv]
+            h = self.decode(x, positions, caches=caches)[:, -1]  # (B, H)
+            next_ids = sample(F.linear(h, self.lm_head_weight).float(), temperature, top_p, generator)
+            for i in range(B):
+                if not done[i]:
+                    if int(next_ids[i]) in stop_ids:
+                        done[i] = True
+                    else:
+                        out[i].append(int(next_ids[i]))
+            if bool(done.all()):
+                break
+            start += x.shape[1]
+            valid[:, start] = True
+            mask = valid[:, None, :start + 1]  # (B, 1, start+1): the new token sees every real slot
+            last_pos = last_pos + 1
+            positions = last_pos[:, None]
+            x = self.language_model.model.embed_tokens(next_ids[:, None])
+        return out
+
+    # -------------------------------------------------------------------------
+    # checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load a Hugging Face checkpoint directory. Built on `meta`, tensors read one at a time and assigned
+        (peak memory ≈ one copy of the weights in `dtype`, plus the largest tensor)."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise ValueError(f"no config.json in {path!r}: point at a Hugging Face checkpoint directory")
+        with open(config_path) as f:
+            raw = json.load(f)
+        config = parse_config(raw)
+        headers = checkpoint_headers(path)  # file -> (header, data offset); names and shapes only, no data read
+        sources = {canonical_name(key): (file, key) for file, (header, _) in headers.items() for key in header}
+        sources.pop(None, None)  # skipped names (rotary inv_freq buffers)
+        # a head stored for a tied model is ignored (transformers ties anyway); no head stored means tied (§2.2)
+        config.tie_word_embeddings = config.tie_word_embeddings or "language_model.lm_head.weight" not in sources
+        if config.tie_word_embeddings:
+            sources.pop("language_model.lm_head.weight", None)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing, extra = sorted(set(expected) - set(sources)), sorted(set(sources) - set(expected))
+        if missing or extra:
+            raise ValueError(f"checkpoint {path!r} does not match a {config.family} model: "
+                             f"missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                             f"unexpected tensors {extra[:8]}{'...' if len(extra) > 8 else ''}")
+        state = {}
+        for name, (file, key) in sources.items():
+            shape = tuple(headers[file][0][key]["shape"])
+            if shape != expected[name]:
+                raise ValueError(f"tensor {key!r} in {os.path.basename(file)} has shape {shape}, "
+                                 f"expected {expected[name]} from config.json")
+        for file, (header, data_start) in headers.items():
+            with open(file, "rb") as f:
+                for name, (src, key) in sources.items():
+                    if src == file:  # one tensor in memory at a time, in the file's dtype, then cast
+                        state[name] = read_tensor(f, header[key], data_start).to(device=device, dtype=dtype)
+        model.load_state_dict(state, assign=True, strict=True)
+        model.source_dir = path
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_bytes=4 * 2**30):
+        """Write an HF checkpoint dir (4.x hub key layout) that transformers and from_pretrained load; atomic."""
+        tmp = path.rstrip("/") + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        shards, size = [{}], 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if size + nbytes > max_shard_bytes and shards[-1]:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        raw = dict(self.config.raw)
+        raw["tie_word_embeddings"] = self.config.tie_word_embeddings
+        raw["dtype"] = str(self.lm_head_weight.dtype).removeprefix("torch.")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(raw, f, indent=2)
+        for name in SIDE_FILES:
+            if self.source_dir and os.path.isfile(os.path.join(self.source_dir, name)):
+                shutil.copy(os.path.join(self.source_dir, name), tmp)
+        if os.path.exists(path):  # swap in the new dir, then drop the old one
+            old = path.rstrip("/") + f".old{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """(B, V) fp32 logits -> (B,) ids. Greedy at temperature 0; else softmax(l/T) restricted to the top-p nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def canonical_name(key):
+    """Map a stored tensor name from any of the three layouts (§2.2) to our module name; None to skip it."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return None
+    if key.startswith("model."):  # 4.52+ layout: model.language_model.*, model.vision_tower.*, ...
+        key = key[len("model."):]
+        if key.startswith("language_model."):
+            key = "language_model.model." + key[len("language_model."):]
+    if key.startswith("lm_head."):
+        key = "language_model." + key
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]  # transformers 5 save layout
+    return key
+
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+def safetensors_header(file):
+    """(header {name: {dtype, shape, data_offsets}}, byte offset of the data) of a .safetensors file."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file!r} is not a readable safetensors file ({e}); re-download it") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_tensor(f, info, data_start):
+    """Read one tensor straight into fresh memory: no mmap, so peak memory is the weights plus one tensor."""
+    begin, end = info["data_offsets"]
+    t = torch.empty(info["shape"], dtype=ST_DTYPES[info["dtype"]])
+    buf = t.reshape(-1).view(torch.uint8).numpy()
+    f.seek(data_start + begin)
+    if f.readinto(buf) != end - begin or buf.nbytes != end - begin:
+        raise ValueError(f"{f.name!r} is truncated or corrupt: re-download it")
+    return t
+
+
+def checkpoint_headers(path):
+    """file -> (header, data offset) for a single-file or sharded safetensors checkpoint directory."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in files if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise ValueError(f"checkpoint {path!r}: shard(s) {missing} listed in model.safetensors.index.json "
+                             f"are missing; re-download them")
+        files = [os.path.join(path, s) for s in files]
+    elif os.path.isfile(single):
+        files = [single]
+    else:
+        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {path!r} "
+                         f"(only safetensors checkpoints are read)")
+    return {file: safetensors_header(file) for file in files}
+
+
+def init_weights(model, seed=0):
+    """Random init at a visible scale (weights ~ N(0, 1/fan_in), norms ~ U(0.5, 1.5)) for demos and tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "layer_norm" in name):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02 if "bias" in name else torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    return model
+
+
+if __name__ == "__main__":
+    # smoke run: python model.py CKPT_DIR -> one forward on random frames and one short greedy generation
+    import sys
+    model = VLM.from_pretrained(sys.argv[1])
+    S, nf = model.config.vision.image_size, 2
+    n = model.num_video_tokens(nf)
+    ids = torch.tensor([[1, 2] + [model.config.video_token_id] * n + [3, 4]])
+    pixels = torch.randn(1, nf, 3, S, S)
+    logits = model(ids, pixels)
+    print(f"{model.config.family}: logits {tuple(logits.shape)}, {sum(p.numel() for p in model.parameters()):,} params")
+    print("generated ids:", model.generate([ids[0].tolist()], pixels, max_new_tokens=8)[0])
