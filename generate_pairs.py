@@ -377,6 +377,10 @@ def estimate(todo, tax, tpl, opts, have_answers, prices):
     return calls, prompt_tokens, completion, (prompt_tokens * prices[0] + completion * prices[1]) / 1e6
 
 
+def drop_key(e):
+    return (e.get("id"), e.get("stage"), e.get("reason"), e.get("query"))
+
+
 def check_templates(tpl):
     """Render every template once with dummy fields, so a bad placeholder fails before any call is made."""
     fields = dict.fromkeys(("description", "rules", "max_rules", "slots", "n", "boundary", "query", "rule_id",
@@ -421,6 +425,8 @@ def run(cfg):
     for p in (out_path, err_path, done_path):
         repair_tail(p)
     done = {r["id"] for r in read_jsonl(done_path)}
+    # a description rerun after a transient failure repeats its permanent drops: record each only once
+    seen_drops = {drop_key(e) for e in read_jsonl(err_path) if not e.get("retryable")}
     existing = read_jsonl(out_path)
     ids = {p["id"] for p in existing}
     todo = [d for d in descs if d["id"] not in done]
@@ -456,6 +462,9 @@ def run(cfg):
                         counts[(p["category"], p["style"])] += 1
                         new_pairs += 1
                 for e in res["drops"]:
+                    if not e.get("retryable") and drop_key(e) in seen_drops:
+                        continue
+                    seen_drops.add(drop_key(e))
                     fe.write(json.dumps(e, ensure_ascii=False) + "\n")
                     drops[e["reason"]] += 1
                 fo.flush()

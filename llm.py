@@ -314,10 +314,10 @@ class Client:
 
     def _post(self, body):
         """POST with retries; returns the raw 200 body (a JSON object) or raises."""
-        if self.broken:
-            raise self.broken
         start, attempt = time.monotonic(), 0
         while True:
+            if self.broken:  # checked before every attempt: another thread may have opened the breaker
+                raise self.broken
             left = self.deadline - (time.monotonic() - start)
             kind, message, raw, wait = None, "", "", None
             try:
@@ -346,7 +346,7 @@ class Client:
                     raise ItemError("deferred", f"{message}; Retry-After {wait:.0f}s exceeds retry_after_max="
                                     f"{self.retry_after_max}s, the item is left for a rerun", raw, retryable=True)
             attempt += 1
-            if wait is None:  # exponential backoff, full jitter: uniform in [0, base * 2^attempt], capped
+            if wait is None:  # exponential backoff, full jitter: retry k waits uniform(0, base * 2^(k-1)), capped
                 wait = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
             left = self.deadline - (time.monotonic() - start)
             if attempt > self.max_retries or wait >= left:

@@ -111,14 +111,15 @@ class Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.requests += 1
             st.bodies.append(body)
-            action = st.queue.pop(0) if st.queue else None
-            flaky = action is None and st.args.flaky > 0 and st.rng.random() < st.args.flaky
         if st.args.key and self.headers.get("Authorization") != f"Bearer {st.args.key}":
-            # like OpenAI, echo a prefix of the key that was sent: the client must scrub it
+            # like OpenAI, echo the key that was sent: the client must scrub it from what it records
             sent = (self.headers.get("Authorization") or "")[7:]
             return self.send(401, {"error": {"message": f"Incorrect API key provided: {sent}", "code": 401}})
         if st.args.models and body.get("model") not in st.args.models:
             return self.send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
+        with st.lock:
+            action = st.queue.pop(0) if st.queue else None
+            flaky = action is None and st.args.flaky > 0 and st.rng.random() < st.args.flaky
         if st.args.latency:
             time.sleep(st.args.latency)
         if flaky:

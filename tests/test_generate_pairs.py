@@ -175,6 +175,20 @@ def test_breaker_stops_with_exit_3_and_rerun_resumes(tmp_path, server):
     assert code == 0 and len({r["id"] for r in gp.read_jsonl(cfg["out"] + ".done.jsonl")}) == 8
 
 
+def test_long_retry_after_defers_the_description_to_a_rerun(tmp_path, server):
+    cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 2), llm_url=server,
+                 llm_model="fake-model", concurrency=1, queries_per_video=2, retry_after_max=5.0)
+    script(server, {}, {}, {"status": 429, "headers": {"Retry-After": "3600"}})  # vid0000's first chosen call
+    t = time.monotonic()
+    code, summary = gp.run(cfg)
+    assert code == 0 and time.monotonic() - t < 5 and summary["descriptions_left_for_rerun"] == 1
+    assert summary["drops"] == {"deferred": 1} and summary["new_pairs"] == 3  # vid0000 kept its other query
+    code, summary = gp.run(cfg)
+    assert summary["descriptions_done"] == 1 and summary["new_pairs"] == 1 and summary["total_pairs"] == 4
+    assert summary["usage"]["chosen"]["cached"] == 1  # the query already answered was not paid again
+    assert len(lines(cfg["out"])) == 4
+
+
 def test_dry_run_calls_nothing(tmp_path, server):
     cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 5), llm_url=server,
                  dry_run=True, queries_per_video=3)
