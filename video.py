@@ -158,9 +158,11 @@ def _read(container, stream, path, num_frames, max_side, seek_gap):
             else:
                 far = t - position > gap
             if far:
-                frames, first, n = _seek(container, stream, t, start, tb)
-                decoded, seeks, eof = decoded + n, seeks + 1, first is None
-                ahead = first
+                try:
+                    frames, first, n = _seek(container, stream, t, start, tb)
+                    decoded, seeks, eof, ahead = decoded + n, seeks + 1, first is None, first
+                except av.error.FFmpegError:  # an unseekable input: decode forward from here on (frames are
+                    keyframes, gap = [], float("inf")  # picked by pts, so wherever the demuxer now stands is fine)
             while not eof and (ahead is None or pts(ahead) <= t):
                 if ahead is not None:
                     last = ahead

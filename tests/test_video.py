@@ -7,6 +7,7 @@ is checked independently of the timestamps read_frames reports. Run: .venv/bin/p
 
 from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -82,6 +83,18 @@ def test_long_clip_seeks_instead_of_decoding_all(tmp_path, num_frames, preset):
     assert [frame_index(f) for f in frames] == [int(t * fps) for t in targets]  # CFR: frame floor(t·fps)
     assert info["seeks"] >= num_frames - 1
     assert info["decoded_frames"] <= num_frames * (gop + 8)  # about one GOP per target (+ B-frame reorder delay)
+
+
+def test_unseekable_input_decodes_forward(tmp_path, monkeypatch):
+    path = write_video(tmp_path / "long.mp4", 120, fps=30, gop=15)
+
+    def refuse(*args, **kwargs):
+        raise av.error.PermissionError(1, "seek refused")
+
+    monkeypatch.setattr(av.container.InputContainer, "seek", refuse)
+    frames, info = read_frames(path, 4)
+    assert [frame_index(f) for f in frames] == [15, 45, 75, 105] and info["seeks"] == 0
+    assert info["decoded_frames"] >= 105
 
 
 def test_no_index_container_and_audio_track(tmp_path):
