@@ -134,36 +134,49 @@ def render(template, **fields):
 
 
 def repair_tail(path):
-    """Truncate a torn last line (a kill mid-write) so appends start on a fresh line."""
+    """Truncate a torn last line (a kill mid-write) so appends start on a fresh line. Reads only the tail."""
     if not os.path.exists(path):
         return
     with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            if pos == end and chunk.endswith(b"\n"):
+                return  # intact
+            k = chunk.rfind(b"\n")
+            if k >= 0:
+                f.truncate(pos - step + k + 1)
+                return
+            pos -= step
+        f.truncate(0)  # a single torn line and nothing else
+
+
+def iter_jsonl(path, required=()):
+    """Records of a JSONL file, streamed; an unparseable unterminated last line (torn by a kill) is skipped, any
+    other bad line is an error naming it."""
+    if not path or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if not line.endswith("\n"):
+                    return  # the last line, torn
+                raise ValueError(f"{path}:{i + 1} is not valid JSON; fix or remove that line")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise ValueError(f"{path}:{i + 1} lacks required fields {missing}")
+            yield rec
 
 
 def read_jsonl(path, required=()):
-    """Records of a JSONL file; a torn (unparseable) last line is skipped, any other bad line is an error."""
-    if not path or not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")  # the last element is "" unless the file ends in an unterminated line
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if i == len(lines) - 1:
-                continue  # an unterminated, unparseable last line: torn by a kill mid-write
-            raise ValueError(f"{path}:{i + 1} is not valid JSON; fix or remove that line")
-        missing = [k for k in required if k not in rec]
-        if missing:
-            raise ValueError(f"{path}:{i + 1} lacks required fields {missing}")
-        records.append(rec)
-    return records
+    return list(iter_jsonl(path, required))
 
 
 def stable_hash(*parts):
@@ -424,11 +437,13 @@ def run(cfg):
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     for p in (out_path, err_path, done_path):
         repair_tail(p)
-    done = {r["id"] for r in read_jsonl(done_path)}
+    done = {r["id"] for r in iter_jsonl(done_path)}
     # a description rerun after a transient failure repeats its permanent drops: record each only once
-    seen_drops = {drop_key(e) for e in read_jsonl(err_path) if not e.get("retryable")}
-    existing = read_jsonl(out_path)
-    ids = {p["id"] for p in existing}
+    seen_drops = {drop_key(e) for e in iter_jsonl(err_path) if not e.get("retryable")}
+    ids, counts = set(), Counter()  # streamed: 350k pairs are ~1 GB of text, their ids a few tens of MB
+    for p in iter_jsonl(out_path):
+        ids.add(p["id"])
+        counts[(p["category"], p["style"])] += 1
     todo = [d for d in descs if d["id"] not in done]
     prices = (cfg["price_prompt"], cfg["price_completion"])
     print(f"{len(descs)} descriptions in shard {cfg['shard']}, {len(descs) - len(todo)} already done, "
@@ -446,7 +461,6 @@ def run(cfg):
                         max_retries=cfg["max_retries"], backoff_base=cfg["backoff_base"],
                         retry_after_max=cfg["retry_after_max"], breaker=cfg["breaker"], concurrency=cfg["concurrency"],
                         cache_path=cfg["cache"] or out_path + ".cache.sqlite", prices=prices, offline=offline_reply)
-    counts = Counter((p["category"], p["style"]) for p in existing)
     drops, new_pairs, finished, left, code, t0 = Counter(), 0, 0, 0, 0, time.time()
     with open(out_path, "a") as fo, open(err_path, "a") as fe, open(done_path, "a") as fd:
         try:

@@ -242,6 +242,9 @@ def test_shards_partition_and_torn_lines(tmp_path):
     assert [r["id"] for r in gp.read_jsonl(str(path))] == ["a", "b"]
     gp.repair_tail(str(path))
     assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    path.write_text('{"id": "a"}\n{"id": "' + "x" * 200_000)  # a torn line longer than the 64 KiB tail chunk
+    gp.repair_tail(str(path))
+    assert path.read_text() == '{"id": "a"}\n'
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(ValueError, match="x.jsonl:2 is not valid JSON"):
         gp.read_jsonl(str(path))
