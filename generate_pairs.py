@@ -461,7 +461,7 @@ def run(cfg):
                         max_retries=cfg["max_retries"], backoff_base=cfg["backoff_base"],
                         retry_after_max=cfg["retry_after_max"], breaker=cfg["breaker"], concurrency=cfg["concurrency"],
                         cache_path=cfg["cache"] or out_path + ".cache.sqlite", prices=prices, offline=offline_reply)
-    drops, new_pairs, finished, left, code, t0 = Counter(), 0, 0, 0, 0, time.time()
+    drops, new_pairs, finished, code, t0 = Counter(), 0, 0, 0, time.time()
     with open(out_path, "a") as fo, open(err_path, "a") as fe, open(done_path, "a") as fd:
         try:
             work = lambda d: process(client, d, tax, tpl, opts, answers)  # noqa: E731
@@ -483,9 +483,7 @@ def run(cfg):
                     drops[e["reason"]] += 1
                 fo.flush()
                 fe.flush()  # pairs and errors reach the file before the description is marked done
-                if res["retry"]:
-                    left += 1
-                else:
+                if not res["retry"]:  # else a transient failure left work: the next run redoes it (cache: free)
                     fd.write(json.dumps({"id": desc["id"]}) + "\n")
                     fd.flush()
                     finished += 1
