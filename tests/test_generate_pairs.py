@@ -266,3 +266,22 @@ def test_config_errors_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="verify.txt.*descripton"):
         gp.run(config(tmp_path, descriptions=d, llm_url="offline", prompts=str(prompts)))
     assert not os.path.exists(tmp_path / "pairs.jsonl")
+
+
+def test_taxonomy_is_complete_and_well_formed():
+    with open(os.path.join(REPO, "data/taxonomy.json")) as f:
+        raw = json.load(f)
+    tax = gp.load_taxonomy(os.path.join(REPO, "data/taxonomy.json"))  # unique ids, required fields
+    assert raw["version"]
+    required = {"violence", "weapons", "self_harm", "dangerous_acts", "illegal_activity", "hate_harassment",
+                "sexual_content", "privacy", "misinformation", "cybercrime", "extremism", "animal_cruelty"}
+    assert required <= {c["id"] for c in raw["categories"]}
+    ailuminate = {"vcr", "src", "cse", "ssh", "iwp", "ipv", "dfm", "ncr", "hte", "prv", "spc_ele", "spc_fin",
+                  "spc_hlt", "sxc_prn"}
+    for c in raw["categories"]:
+        assert set(c["mlcommons"]) <= ailuminate, c["id"]
+        for s in c["subcategories"]:
+            assert s["id"].startswith(c["id"] + "."), s["id"]
+    for rid, rule in tax["rules"].items():
+        assert all(len(rule[k]) > 20 for k in ("refuse", "safe_help", "video_guidance")), rid
+        assert rule["keywords"] and rule["examples"]["harmful"] and rule["examples"]["benign"], rid
