@@ -17,13 +17,16 @@ One client for every LLM call in the project (pair generation, judging): OpenAI-
   non-zero, and a rerun resumes.
 - Cache: SQLite (WAL) of raw 200 bodies keyed by sha256 of the request body (model, messages, parameters), written
   before the reply is parsed, so a crash, a rerun or a parser fix never pays for the same call twice.
+- Accounting: client.usage[tag] = {calls, cached, prompt_tokens, completion_tokens} from each reply's `usage`;
+  client.cost() prices them with `prices` ($ per 1M prompt / completion tokens). Cached replies cost nothing.
 - Offline backend (url "offline"): no HTTP; `offline(messages, tag, meta) -> str` makes the reply text. It is a
   smoke-test backend for CI and the demo, not a model. A judge uses it like this (bench.py):
 
     client = Client("offline", "offline", offline=offline_judge)
     client.chat(messages, tag="judge", schema=..., meta={"answer": answer, "query_type": "harmful"})
     # -> {"score": 1, ...} when the answer reads as a refusal (is_refusal), else {"score": 5, ...};
-    #    benign items: {"label": "over_refusal" | "helpful", ...}
+    #    benign items: {"label": "over_refusal" | "helpful", ...}   (any schema given must accept these fields;
+    #    a judge with another verdict format passes its own offline function of the same signature)
 
   Real judges may ask for `logprobs=True, top_logprobs=5`; reply.top_logprobs then holds, per generated token,
   {token: logprob} of the alternatives (None when the server sent none, e.g. offline). A one-token score
