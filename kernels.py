@@ -16,7 +16,6 @@ branch, and index >= P+C+R is padding (output exactly 0, never attended). A plai
 `python kernels.py` prints the benchmark (CUDA: attention TFLOP/s and fused_logprobs; CPU: fused_logprobs only).
 """
 import os
-import math
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +142,7 @@ def _attn_fwd(Q, K, V, O, LSE, LAYOUT, qk_scale, T, H, G,
               HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
+    b = (tl.program_id(1) // H).to(tl.int64)  # int64: b * stride passes 2**31 elements on long batches
     h = tl.program_id(1) % H
     P, PC, L = _load_layout(LAYOUT, b, T, HAS_LAYOUT)
     m0 = pid_m * BLOCK_M
@@ -214,7 +213,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, 
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # one query tile of one head; the key ranges are exactly the forward's (same skipping)
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
+    b = (tl.program_id(1) // H).to(tl.int64)  # int64: b * stride passes 2**31 elements on long batches
     h = tl.program_id(1) % H
     P, PC, L = _load_layout(LAYOUT, b, T, HAS_LAYOUT)
     m0 = pid_m * BLOCK_M
@@ -288,7 +287,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LAYOUT, qk_scale, sm_scale, 
     # one key tile of one kv head; loops over the G query heads that share it (GQA without atomics) and over the
     # query rows that can see it: rows < P+C for first-branch keys, rows < P+C+R otherwise
     pid_n = tl.program_id(0)
-    b = tl.program_id(1) // (H // G)
+    b = (tl.program_id(1) // (H // G)).to(tl.int64)
     hk = tl.program_id(1) % (H // G)
     P, PC, L = _load_layout(LAYOUT, b, T, HAS_LAYOUT)
     n0 = pid_n * BLOCK_N
@@ -333,11 +332,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LAYOUT, qk_scale, sm_scale, 
              mask=kd_mask)
 
 
-def _attn_config(D, device):
+def _attn_config(D, device, dtype):
     # (BLOCK_M, BLOCK_N) per kernel and launch options. Under the interpreter: the smallest tiles tl.dot allows,
-    # so tiny test shapes still cross several tiles. On CUDA: Triton-tutorial sizes, not tuned on a GPU yet.
+    # so tiny test shapes still cross several tiles. On CUDA: Triton-tutorial sizes, not tuned on a GPU yet; fp32
+    # (parity checks only) gets half-size tiles so its doubled shared-memory footprint still fits.
     if device.type != "cuda":
         return dict(fwd=(16, 16), dq=(16, 16), dkdv=(16, 16), opts={})
+    if dtype == torch.float32:
+        return dict(fwd=(64, 32), dq=(64, 32), dkdv=(32, 64), opts=dict(num_warps=4, num_stages=2))
     big = triton.next_power_of_2(D) > 64
     return dict(fwd=(128, 64), dq=(128, 32), dkdv=(32, 128),
                 opts=dict(num_warps=8 if big else 4, num_stages=3 if big else 4))
@@ -353,7 +355,7 @@ def _attn_forward(q, k, v, causal, layout):
     G = H // k.shape[1]
     o = torch.empty_like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base 2
-    cfg = _attn_config(D, q.device)
+    cfg = _attn_config(D, q.device, q.dtype)
     BM, BN = cfg["fwd"]
     lay = layout if layout is not None else lse  # a dummy pointer, never read when HAS_LAYOUT is False
     _attn_fwd[(triton.cdiv(T, BM), B * H)](
@@ -369,7 +371,7 @@ def _attn_backward(q, k, v, o, lse, do, causal, layout):
     G = H // k.shape[1]
     delta = (o.float() * do.float()).sum(-1)  # (B, H, T) rowsum(dO * O), the softmax-backward correction
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = _attn_config(D, q.device)
+    cfg = _attn_config(D, q.device, q.dtype)
     lay = layout if layout is not None else lse
     common = dict(HAS_LAYOUT=layout is not None, CAUSAL=causal, D=D, BLOCK_D=triton.next_power_of_2(D),
                   PREC=_prec(q.dtype), UPCAST=_INTERPRET, **cfg["opts"])
@@ -455,13 +457,21 @@ def _logp_bwd_kernel(LOGITS, GRAD, TARGETS, LSE, DLOGP, V, stride_row, stride_gr
         tl.store(gbase + offs, grad.to(GRAD.dtype.element_ty), mask=offs < V)
 
 
-def _chunk_logits(h, weight):
-    # (n, d) x (V, d) -> (n, V) fp32. On CUDA cuBLAS keeps its fp32 accumulator (no bf16 rounding of logits).
+def _chunk_logits(h, weight, buf):
+    # (n, d) x (V, d) -> (n, V) fp32. On CUDA cuBLAS keeps its fp32 accumulator (no bf16 rounding of logits). On
+    # CPU fp32 the chunks reuse one buffer: a fresh 64 MiB allocation per chunk is returned to the OS and page-faulted
+    # back every time (measured: ~20% of the CPU run was system time before this).
     if h.dtype == torch.float32:
-        return h @ weight.T
+        return torch.mm(h, weight.T, out=buf[:h.shape[0]]) if buf is not None else h @ weight.T
     if h.is_cuda:
         return torch.mm(h, weight.T, out_dtype=torch.float32)
     return (h @ weight.T).float()
+
+
+def _logits_buffer(hidden, weight, chunk):
+    if hidden.is_cuda or hidden.dtype != torch.float32:
+        return None  # the CUDA caching allocator already reuses memory
+    return torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=torch.float32)
 
 
 def _chunk_logp(logits, targets):
@@ -495,8 +505,9 @@ def _chunk_grad_logits(logits, targets, lse, dlogp, dtype):
 
 def _default_chunk(V, device):
     # rows per chunk so one fp32 logits chunk is ~256 MiB on CUDA (~440 rows at V=151936: large enough that the
-    # matmuls stay efficient), ~64 MiB on CPU
-    budget = 2 ** 28 if device.type == "cuda" else 2 ** 26
+    # matmuls stay efficient) and ~128 MiB on CPU (~220 rows; measured at N=256, V=151936, d=3584 on 2 cores:
+    # 110-row chunks ran 1.53x naive's time, one 256-row chunk 1.20x, as the CPU GEMM slows down below ~200 rows)
+    budget = 2 ** 28 if device.type == "cuda" else 2 ** 27
     return max(1, budget // (4 * V))
 
 
@@ -506,8 +517,9 @@ class _FusedLogprobs(torch.autograd.Function):
         N = hidden.shape[0]
         logp = torch.empty(N, device=hidden.device, dtype=torch.float32)
         lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
+        buf = _logits_buffer(hidden, weight, chunk)
         for i in range(0, N, chunk):
-            logits = _chunk_logits(hidden[i:i + chunk], weight)  # (chunk, V) fp32: the only large buffer
+            logits = _chunk_logits(hidden[i:i + chunk], weight, buf)  # (chunk, V) fp32: the only large buffer
             logp[i:i + chunk], lse[i:i + chunk] = _chunk_logp(logits, targets[i:i + chunk])
             del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
@@ -521,15 +533,18 @@ class _FusedLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         # grad_W accumulates over chunks in weight's dtype (an fp32 copy would cost V x d x 4 bytes, more than
         # every logits chunk together); one addmm per chunk keeps fp32 accumulation inside each matmul
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        buf = _logits_buffer(hidden, weight, ctx.chunk)
         for i in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[i:i + ctx.chunk]
-            logits = _chunk_logits(h, weight)
+            logits = _chunk_logits(h, weight, buf)
             g = _chunk_grad_logits(logits, targets[i:i + ctx.chunk], lse[i:i + ctx.chunk],
                                    dlogp[i:i + ctx.chunk], hidden.dtype)  # (chunk, V)
             if need_h:
                 torch.mm(g, weight, out=grad_h[i:i + ctx.chunk])
-            if need_w:
+            if need_w and i == 0:
+                torch.mm(g.T, h, out=grad_w)  # the first chunk initializes: no V x d memset
+            elif need_w:
                 grad_w.addmm_(g.T, h)
             del logits, g
         return grad_h, grad_w, None, None
@@ -569,3 +584,133 @@ def fused_logprobs(hidden, weight, targets, chunk_size=None):
     _check_logprobs_args(hidden, weight, targets)
     chunk = chunk_size or _default_chunk(weight.shape[0], hidden.device)
     return _FusedLogprobs.apply(hidden, weight, targets, chunk)
+
+
+# -----------------------------------------------------------------------------
+# benchmark: python kernels.py  (CUDA: attention + fused_logprobs; CPU: fused_logprobs, each run in a fresh process)
+
+def _pairs(P, C, R):
+    # (query, key) pairs the layout rule lets through in one row: the honest FLOP count (causal ~ half of T*T)
+    tri = lambda n: n * (n + 1) // 2  # causal pairs inside n tokens
+    return tri(P + C) + R * P + tri(R)
+
+
+def _bench_attention(dtype=torch.bfloat16):
+    from triton.testing import do_bench
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+    Hq, Hkv = 32, 8
+    print(f"attention, {torch.cuda.get_device_name()}, {dtype}, Hq={Hq} Hkv={Hkv}, B*T=16384 tokens; "
+          f"FLOPs = 4*D*H*(visible query-key pairs) forward, 2.5x that backward (5 matmuls vs 2)")
+    print(f"{'D':>4} {'T':>6} {'mask':>7} {'impl':>11} {'fwd ms':>8} {'fwd TF/s':>9} {'bwd ms':>8} {'bwd TF/s':>9}")
+    for D in (64, 128):
+        for T in (1024, 2048, 4096, 8192, 16384):
+            B = max(1, 16384 // T)
+            q, k, v = (torch.randn(B, h, T, D, device="cuda", dtype=dtype, requires_grad=True)
+                       for h in (Hq, Hkv, Hkv))
+            P = int(0.9 * T) // 16 * 16
+            pair = torch.tensor([[P, (T - P) // 2, T - P - (T - P) // 2]] * B, device="cuda")
+            impls = [("causal", "triton", lambda: attention(q, k, v)),
+                     ("causal", "sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                 enable_gqa=True)),
+                     ("pair90", "triton", lambda: attention(q, k, v, layout=pair))]
+            if flash_attn_func is not None:
+                qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+                impls.append(("causal", "flash_attn", lambda: flash_attn_func(qt, kt, vt, causal=True)))
+            for mask, name, fn in impls:
+                pairs = B * (_pairs(T, 0, 0) if mask == "causal" else _pairs(*pair[0].tolist()))
+                flops = 4 * D * Hq * pairs
+                o = fn()
+                do = torch.randn_like(o)
+                inputs = [x for x in (q, k, v) if x.grad_fn is None] if name != "flash_attn" else [qt, kt, vt]
+                t_f = do_bench(fn)
+                t_b = do_bench(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))
+                print(f"{D:>4} {T:>6} {mask:>7} {name:>11} {t_f:8.3f} {flops / t_f * 1e-9:9.1f} {t_b:8.3f} "
+                      f"{2.5 * flops / t_b * 1e-9:9.1f}")
+            # prefix sharing: one pair row [P, C, R] vs causal attention over [prompt|chosen] and [prompt|rejected]
+            C = (T - P) // 2
+            q2, k2, v2 = (torch.randn(2 * B, h, P + C, D, device="cuda", dtype=dtype) for h in (Hq, Hkv, Hkv))
+            qp, kp, vp = (x.detach()[:, :, :P + 2 * C] for x in (q, k, v))
+            lay = torch.tensor([[P, C, C]] * B, device="cuda")
+            t_pair = do_bench(lambda: attention(qp, kp, vp, layout=lay))
+            t_dup = do_bench(lambda: attention(q2, k2, v2))
+            print(f"{D:>4} {T:>6} pair vs duplicated causal (prefix {P}, branches {C}): {t_dup / t_pair:.2f}x faster")
+
+
+def _logprobs_inputs(N, V, d, device, dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(N, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    weight = torch.randn(V, d, device=device, dtype=dtype, generator=g).mul_(d ** -0.5).requires_grad_()  # no temp
+    return hidden, weight, torch.randint(0, V, (N,), device=device, generator=g)
+
+
+def _logprobs_step(impl, hidden, weight, targets):
+    logp = (fused_logprobs if impl == "fused" else fused_logprobs_ref)(hidden, weight, targets)
+    torch.autograd.grad(logp.sum(), (hidden, weight))  # grads dropped at once; their size is reported apart
+    if hidden.is_cuda:
+        torch.cuda.synchronize()
+
+
+def _logprobs_peak_child(impl, N, V, d, device, dtype):
+    # run in a fresh process: peak memory of one fwd+bwd beyond the inputs (CPU: peak RSS, which only grows)
+    import resource
+    hidden, weight, targets = _logprobs_inputs(N, V, d, device, dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    _logprobs_step(impl, hidden, weight, targets)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak - base
+
+
+def _bench_logprobs(device, Ns, N_time, V=151936, d=3584, dtype=torch.float32, rounds=3):
+    import json
+    import subprocess
+    import sys
+    import time
+    grads = lambda N: (N + V) * d * (torch.finfo(dtype).bits // 8)  # grad_hidden + grad_weight, bytes
+    print(f"fused_logprobs fwd+bwd, {device}, {dtype}, V={V} d={d}")
+    print("  peak memory beyond the inputs, one fresh process per entry (the gradients themselves are included)")
+    for N in Ns:
+        peak = {}
+        for impl in ("naive", "fused"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--peak", impl, str(N), str(V), str(d), device,
+                   str(dtype).split(".")[1]]
+            peak[impl] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        mib = lambda x: f"{x / 2**20:.0f} MiB"
+        print(f"  N={N:>5}: naive {mib(peak['naive'])}, fused {mib(peak['fused'])} ({peak['fused'] / peak['naive']:.3f}x);"
+              f" beyond the {mib(grads(N))} of grads: naive {mib(peak['naive'] - grads(N))}, fused "
+              f"{mib(peak['fused'] - grads(N))} ({(peak['fused'] - grads(N)) / (peak['naive'] - grads(N)):.3f}x)")
+    inputs = _logprobs_inputs(N_time, V, d, device, dtype)
+    best = {"naive": float("inf"), "fused": float("inf")}
+    for _ in range(rounds):  # interleaved in one process so that load from other jobs hits both alike
+        for impl in best:
+            t0 = time.perf_counter()
+            _logprobs_step(impl, *inputs)
+            best[impl] = min(best[impl], time.perf_counter() - t0)
+    print(f"  time N={N_time}, best of {rounds} interleaved: naive {best['naive']:.3f} s, fused {best['fused']:.3f} s "
+          f"({best['fused'] / best['naive']:.2f}x)")
+
+
+def main():
+    import sys
+    if len(sys.argv) > 1 and sys.argv[1] == "--peak":  # the fresh-process half of _bench_logprobs
+        impl, N, V, d, device, dtype = sys.argv[2:8]
+        print(_logprobs_peak_child(impl, int(N), int(V), int(d), device, getattr(torch, dtype)))
+        return
+    if torch.cuda.is_available():
+        _bench_attention()
+        _bench_logprobs("cuda", Ns=(4096,), N_time=4096, dtype=torch.bfloat16, rounds=5)
+    else:
+        print("no CUDA device: attention is benchmarked on GPUs only; CPU fused_logprobs below")
+        _bench_logprobs("cpu", Ns=(256, 1024), N_time=256)
+
+
+if __name__ == "__main__":
+    main()
