@@ -137,6 +137,42 @@ def _load_layout(LAYOUT, b, T, HAS_LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _key_ranges(m0, BLOCK_M: tl.constexpr, P, PC, L, CAUSAL: tl.constexpr):
+    # the key tiles one query tile [m0, m0+BLOCK_M) needs: unmasked [0, a1) and [b0, b1), masked [c0, c1).
+    # A tile wholly in the second branch skips the first branch's keys [P, P+C) (the saving prefix sharing buys);
+    # a prefix / first-branch tile is plain causal; the one tile that straddles P+C applies the full rule;
+    # a tile made only of padding rows computes nothing. Non-causal: every key, unmasked.
+    if CAUSAL:
+        q_end = tl.minimum(m0 + BLOCK_M, L)  # keys at or past q_end are invisible to the whole tile
+        live = m0 < L
+        second = live & (m0 >= PC)
+        plain = live & (q_end <= PC)
+        a1 = tl.where(second, P, tl.where(plain, m0, 0))
+        b1 = tl.where(second, m0, PC)
+        c0 = tl.where(second | plain, m0, 0)
+        return a1, PC, b1, c0, tl.where(live, q_end, 0)
+    else:
+        return L, 0, 0, 0, 0
+
+
+@triton.jit
+def _query_ranges(n0, BLOCK_N: tl.constexpr, P, PC, L, CAUSAL: tl.constexpr):
+    # the query rows that see key tile [n0, n0+BLOCK_N): masked [lo, mid), unmasked [mid, hi). First-branch keys are
+    # read by rows < P+C only, prefix and second-branch keys by rows < P+C+R; only the diagonal rows need the mask,
+    # except for a key tile that straddles P or P+C (masked throughout). Padding keys: no rows, zero gradient.
+    if CAUSAL:
+        k_end = tl.minimum(n0 + BLOCK_N, L)
+        live = n0 < L
+        first = (n0 >= P) & (k_end <= PC)
+        clean = (k_end <= P) | (n0 >= PC) | first
+        hi = tl.where(first, PC, L)
+        mid = tl.where(clean, tl.minimum(n0 + BLOCK_N, hi), hi)
+        return n0, tl.where(live, mid, n0), tl.where(live, hi, n0)
+    else:
+        return 0, 0, L
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, LAYOUT, qk_scale, T, H, G,
               sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
               HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
@@ -155,27 +191,13 @@ def _attn_fwd(Q, K, V, O, LSE, LAYOUT, qk_scale, T, H, G,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if CAUSAL:
-        if m0 < L:  # tiles made only of padding rows compute nothing
-            q_end = tl.minimum(m0 + BLOCK_M, L)  # keys at or past q_end are never visible to this tile
-            if m0 >= PC:  # the whole tile is in the second branch: skip the first branch's tiles entirely
-                acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, 0, P, P, PC, qk_scale,
-                                           D, BLOCK_N, False, PREC, UPCAST)
-                acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, PC, m0, P, PC, qk_scale,
-                                           D, BLOCK_N, False, PREC, UPCAST)
-                acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, m0, q_end, P, PC, qk_scale,
-                                           D, BLOCK_N, True, PREC, UPCAST)
-            elif q_end <= PC:  # prefix / first branch: plain causal
-                acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, 0, m0, P, PC, qk_scale,
-                                           D, BLOCK_N, False, PREC, UPCAST)
-                acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, m0, q_end, P, PC, qk_scale,
-                                           D, BLOCK_N, True, PREC, UPCAST)
-            else:  # the one tile per row that straddles the branch boundary: full rule everywhere
-                acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, 0, q_end, P, PC, qk_scale,
-                                           D, BLOCK_N, True, PREC, UPCAST)
-    else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, 0, T, T, T, qk_scale,
-                                   D, BLOCK_N, False, PREC, UPCAST)
+    a1, b0, b1, c0, c1 = _key_ranges(m0, BLOCK_M, P, PC, L, CAUSAL)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, 0, a1, P, PC, qk_scale,
+                               D, BLOCK_N, False, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, b0, b1, P, PC, qk_scale,
+                               D, BLOCK_N, False, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, c0, c1, P, PC, qk_scale,
+                               D, BLOCK_N, True, PREC, UPCAST)
     row_ok = offs_m < L
     l_safe = tl.where(row_ok, l_i, 1.0)
     o = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
@@ -211,7 +233,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, 
                  sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
                  HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # one query tile of one head; the key ranges are exactly the forward's (same skipping)
+    # one query tile of one head
     pid_m = tl.program_id(0)
     b = (tl.program_id(1) // H).to(tl.int64)  # int64: b * stride passes 2**31 elements on long batches
     h = tl.program_id(1) % H
@@ -227,27 +249,13 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, 
     K += b * skb + (h // G) * skh
     V += b * skb + (h // G) * skh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        if m0 < L:
-            q_end = tl.minimum(m0 + BLOCK_M, L)
-            if m0 >= PC:
-                dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, 0, P, P, PC, L, qk_scale,
-                               D, BLOCK_N, False, PREC, UPCAST)
-                dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, PC, m0, P, PC, L, qk_scale,
-                               D, BLOCK_N, False, PREC, UPCAST)
-                dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, m0, q_end, P, PC, L, qk_scale,
-                               D, BLOCK_N, True, PREC, UPCAST)
-            elif q_end <= PC:
-                dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, 0, m0, P, PC, L, qk_scale,
-                               D, BLOCK_N, False, PREC, UPCAST)
-                dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, m0, q_end, P, PC, L, qk_scale,
-                               D, BLOCK_N, True, PREC, UPCAST)
-            else:
-                dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, 0, q_end, P, PC, L, qk_scale,
-                               D, BLOCK_N, True, PREC, UPCAST)
-    else:
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, 0, T, T, T, T, qk_scale,
-                       D, BLOCK_N, False, PREC, UPCAST)
+    a1, b0, b1, c0, c1 = _key_ranges(m0, BLOCK_M, P, PC, L, CAUSAL)  # exactly the forward's tiles
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, 0, a1, P, PC, L, qk_scale,
+                   D, BLOCK_N, False, PREC, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, b0, b1, P, PC, L, qk_scale,
+                   D, BLOCK_N, False, PREC, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, c0, c1, P, PC, L, qk_scale,
+                   D, BLOCK_N, True, PREC, UPCAST)
     dq = dq * sm_scale  # s = sm_scale * q.k, so ds/dq = sm_scale * k
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=qd_mask)
@@ -285,7 +293,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LAYOUT, qk_scale, sm_scale, 
                    HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # one key tile of one kv head; loops over the G query heads that share it (GQA without atomics) and over the
-    # query rows that can see it: rows < P+C for first-branch keys, rows < P+C+R otherwise
+    # query rows that can see it (_query_ranges)
     pid_n = tl.program_id(0)
     b = (tl.program_id(1) // (H // G)).to(tl.int64)
     hk = tl.program_id(1) % (H // G)
@@ -298,33 +306,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LAYOUT, qk_scale, sm_scale, 
     v = tl.load(V + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kd_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, mid, hi = _query_ranges(n0, BLOCK_N, P, PC, L, CAUSAL)
     for g in range(G):
         h = hk * G + g
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdb + h * sdh
         LSEh = LSE + (b * H + h) * T
         DELTAh = DELTA + (b * H + h) * T
-        if CAUSAL:
-            if n0 < L:  # padding keys get no gradient
-                k_end = tl.minimum(n0 + BLOCK_N, L)
-                if (k_end <= P) | (n0 >= PC):  # prefix keys or second-branch keys: rows up to L
-                    diag_end = tl.minimum(n0 + BLOCK_N, L)
-                    dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d,
-                                         n0, diag_end, P, PC, qk_scale, D, BLOCK_M, True, PREC, UPCAST)
-                    dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d,
-                                         diag_end, L, P, PC, qk_scale, D, BLOCK_M, False, PREC, UPCAST)
-                elif (n0 >= P) & (k_end <= PC):  # first-branch keys: the second branch never reads them
-                    diag_end = tl.minimum(n0 + BLOCK_N, PC)
-                    dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d,
-                                         n0, diag_end, P, PC, qk_scale, D, BLOCK_M, True, PREC, UPCAST)
-                    dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d,
-                                         diag_end, PC, P, PC, qk_scale, D, BLOCK_M, False, PREC, UPCAST)
-                else:  # a key tile straddling P or P+C
-                    dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d,
-                                         n0, L, P, PC, qk_scale, D, BLOCK_M, True, PREC, UPCAST)
-        else:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d,
-                                 0, T, T, T, qk_scale, D, BLOCK_M, False, PREC, UPCAST)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d, lo, mid, P, PC,
+                             qk_scale, D, BLOCK_M, True, PREC, UPCAST)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d, mid, hi, P, PC,
+                             qk_scale, D, BLOCK_M, False, PREC, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kd_mask)
