@@ -587,6 +587,49 @@ def _pairs(P, C, R):
     return tri(P + C) + R * P + tri(R)
 
 
+PARITY_CASES = [(torch.float32, 130, 6, 2, 72), (torch.bfloat16, 1000, 8, 2, 128), (torch.bfloat16, 777, 12, 4, 64),
+                (torch.float32, 17, 3, 1, 64)]  # (dtype, T, Hq, Hkv, D)
+
+
+def _check_parity(device="cuda", cases=PARITY_CASES, V=5003):
+    # run first on a GPU: Triton vs the fp64 reference on odd shapes, outputs and gradients (normwise relative error;
+    # tolerance as in tests/test_kernels.py: 2**7 ulps fp32, 1 ulp bf16). Returns False on any miss.
+    ok = True
+    for dtype, T, Hq, Hkv, D in cases:
+        P = T // 2
+        layout = torch.tensor([[T, 0, 0], [P, T // 5, T - P - T // 5 - 3], [0, T // 3, T // 4]], device=device)
+        for causal, lay in ((True, None), (True, layout), (False, None)):
+            q, k, v = (torch.randn(3, h, T, D, device=device, dtype=dtype, requires_grad=True) for h in (Hq, Hkv, Hkv))
+            do = torch.randn_like(q)
+            got = [attention(q, k, v, causal, lay)]
+            got += torch.autograd.grad(got[0], (q, k, v), do)
+            ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+            want = [attention_ref(*ref_in, causal, lay)]
+            want += torch.autograd.grad(want[0], ref_in, do.double())
+            tol = torch.finfo(dtype).eps * (2 ** 7 if dtype == torch.float32 else 1)
+            errs = [((g.double() - w).norm() / w.norm().clamp(min=1.0)).item() for g, w in zip(got, want)]
+            good = all(e <= tol for e in errs) and all(torch.isfinite(g).all() for g in got)
+            ok &= good
+            print(f"parity {str(dtype):>14} T={T:>4} Hq={Hq} Hkv={Hkv} D={D:>3} causal={causal!s:>5} "
+                  f"layout={lay is not None!s:>5}: o/dq/dk/dv rel err {' '.join(f'{e:.1e}' for e in errs)} "
+                  f"(tol {tol:.1e}) {'ok' if good else 'FAIL'}")
+    hidden = torch.randn(301, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(V, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, V, (301,), device=device)
+    targets[::7] = IGNORE_INDEX
+    got = [fused_logprobs(hidden, weight, targets, chunk_size=64)]
+    got += torch.autograd.grad(got[0].sum(), (hidden, weight))
+    ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight)]  # grads stay unrounded
+    want = [fused_logprobs_ref(*ref_in, targets)]
+    want += torch.autograd.grad(want[0].sum(), ref_in)
+    errs = [((g.double() - w.double()).norm() / w.double().norm()).item() for g, w in zip(got, want)]
+    good = all(e <= 2 * torch.finfo(torch.bfloat16).eps for e in errs)  # dlogits and the result: 2 bf16 roundings
+    ok &= good
+    print(f"parity fused_logprobs bf16: logp/dh/dW rel err {' '.join(f'{e:.1e}' for e in errs)} "
+          f"{'ok' if good else 'FAIL'}")
+    return ok
+
+
 def _bench_attention(dtype=torch.bfloat16):
     from triton.testing import do_bench
     try:
@@ -595,40 +638,48 @@ def _bench_attention(dtype=torch.bfloat16):
         flash_attn_func = None
     Hq, Hkv = 32, 8
     print(f"attention, {torch.cuda.get_device_name()}, {dtype}, Hq={Hq} Hkv={Hkv}, B*T=16384 tokens; "
-          f"FLOPs = 4*D*H*(visible query-key pairs) forward, 2.5x that backward (5 matmuls vs 2)")
+          f"FLOPs = 4*D*Hq*(visible query-key pairs) forward, 2.5x that backward (5 matmuls vs 2); "
+          f"sdpa gets K/V pre-expanded to Hq heads")
     print(f"{'D':>4} {'T':>6} {'mask':>7} {'impl':>11} {'fwd ms':>8} {'fwd TF/s':>9} {'bwd ms':>8} {'bwd TF/s':>9}")
     for D in (64, 128):
         for T in (1024, 2048, 4096, 8192, 16384):
             B = max(1, 16384 // T)
             q, k, v = (torch.randn(B, h, T, D, device="cuda", dtype=dtype, requires_grad=True)
                        for h in (Hq, Hkv, Hkv))
-            P = int(0.9 * T) // 16 * 16
-            pair = torch.tensor([[P, (T - P) // 2, T - P - (T - P) // 2]] * B, device="cuda")
-            impls = [("causal", "triton", lambda: attention(q, k, v)),
-                     ("causal", "sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                                 enable_gqa=True)),
-                     ("pair90", "triton", lambda: attention(q, k, v, layout=pair))]
+            kr, vr = (x.detach().repeat_interleave(Hq // Hkv, 1).requires_grad_() for x in (k, v))
+            P = int(0.9 * T) // 16 * 16  # a 90% shared prefix, two equal branches
+            C = (T - P) // 2
+            pair = torch.tensor([[P, C, T - P - C]] * B, device="cuda")
+            impls = [("causal", "triton", lambda: attention(q, k, v), (q, k, v)),
+                     ("causal", "sdpa", lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True),
+                      (q, kr, vr)),
+                     ("pair90", "triton", lambda: attention(q, k, v, layout=pair), (q, k, v))]
             if flash_attn_func is not None:
                 qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
-                impls.append(("causal", "flash_attn", lambda: flash_attn_func(qt, kt, vt, causal=True)))
-            for mask, name, fn in impls:
-                pairs = B * (_pairs(T, 0, 0) if mask == "causal" else _pairs(*pair[0].tolist()))
-                flops = 4 * D * Hq * pairs
-                o = fn()
-                do = torch.randn_like(o)
-                inputs = [x for x in (q, k, v) if x.grad_fn is None] if name != "flash_attn" else [qt, kt, vt]
-                t_f = do_bench(fn)
-                t_b = do_bench(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))
+                impls.append(("causal", "flash_attn", lambda: flash_attn_func(qt, kt, vt, causal=True), (qt, kt, vt)))
+            for mask, name, fn, inputs in impls:
+                flops = 4 * D * Hq * B * (_pairs(T, 0, 0) if mask == "causal" else _pairs(P, C, T - P - C))
+                try:
+                    o = fn()
+                    do = torch.randn_like(o)
+                    t_f = do_bench(fn)
+                    t_b = do_bench(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))
+                except Exception as e:  # keep the table going (e.g. a backend without this shape); say why
+                    print(f"{D:>4} {T:>6} {mask:>7} {name:>11} failed: {type(e).__name__}: {str(e)[:80]}")
+                    continue
                 print(f"{D:>4} {T:>6} {mask:>7} {name:>11} {t_f:8.3f} {flops / t_f * 1e-9:9.1f} {t_b:8.3f} "
                       f"{2.5 * flops / t_b * 1e-9:9.1f}")
-            # prefix sharing: one pair row [P, C, R] vs causal attention over [prompt|chosen] and [prompt|rejected]
-            C = (T - P) // 2
-            q2, k2, v2 = (torch.randn(2 * B, h, P + C, D, device="cuda", dtype=dtype) for h in (Hq, Hkv, Hkv))
-            qp, kp, vp = (x.detach()[:, :, :P + 2 * C] for x in (q, k, v))
+                del o, do
+            # prefix sharing, fwd+bwd: a pair row [P, C, C] vs causal over [prompt|chosen] and [prompt|rejected]
+            q1, k1, v1 = (x.detach()[:, :, :P + 2 * C].requires_grad_() for x in (q, k, v))
+            q2, k2, v2 = (torch.randn(2 * B, h, P + C, D, device="cuda", dtype=dtype, requires_grad=True)
+                          for h in (Hq, Hkv, Hkv))
             lay = torch.tensor([[P, C, C]] * B, device="cuda")
-            t_pair = do_bench(lambda: attention(qp, kp, vp, layout=lay))
-            t_dup = do_bench(lambda: attention(q2, k2, v2))
-            print(f"{D:>4} {T:>6} pair vs duplicated causal (prefix {P}, branches {C}): {t_dup / t_pair:.2f}x faster")
+            t_pair = do_bench(lambda: torch.autograd.grad(attention(q1, k1, v1, layout=lay).sum(), (q1, k1, v1)))
+            t_dup = do_bench(lambda: torch.autograd.grad(attention(q2, k2, v2).sum(), (q2, k2, v2)))
+            print(f"{D:>4} {T:>6} fwd+bwd, pair row vs causal over the duplicated sequence (prefix {P}, branches {C}):"
+                  f" {t_pair:.3f} ms vs {t_dup:.3f} ms, {t_dup / t_pair:.2f}x faster")
+            del q, k, v, kr, vr, q1, k1, v1, q2, k2, v2
 
 
 def _logprobs_inputs(N, V, d, device, dtype):
@@ -697,6 +748,8 @@ def main():
         print(_logprobs_peak_child(impl, int(N), int(V), int(d), device, getattr(torch, dtype)))
         return
     if torch.cuda.is_available():
+        if not _check_parity():
+            sys.exit("parity check failed on CUDA: the numbers below would be for wrong kernels, so none are taken")
         _bench_attention()
         _bench_logprobs("cuda", Ns=(4096,), N_time=4096, dtype=torch.bfloat16, rounds=5)
     else:
