@@ -574,7 +574,10 @@ def fused_logprobs(hidden, weight, targets, chunk_size=None):
     that is not fp32) besides the (N,) LSE and the gradients themselves. CUDA / interpreter: the per-chunk
     LSE/gradient pass is a Triton kernel and the matmuls stay on cuBLAS; CPU: the same chunks in PyTorch."""
     _check_logprobs_args(hidden, weight, targets)
-    chunk = chunk_size or _default_chunk(weight.shape[0], hidden.device)
+    chunk = chunk_size
+    if chunk is None:  # equal chunks under the budget: no small tail chunk, which the GEMMs run inefficiently
+        max_chunk = _default_chunk(weight.shape[0], hidden.device)
+        chunk = -(-hidden.shape[0] // -(-hidden.shape[0] // max_chunk))
     return _FusedLogprobs.apply(hidden, weight, targets, chunk)
 
 
