@@ -72,9 +72,11 @@ def attention_ref(q, k, v, causal=True, layout=None):
     q (B, Hq, T, D), k/v (B, Hkv, T, D) -> o (B, Hq, T, D); scale D**-0.5; padding rows are exactly 0."""
     _check_attention_args(q, k, v, causal, layout)
     gqa = q.shape[1] != k.shape[1]
+    T = q.shape[2]
+    if layout is not None and not layout.is_cuda and bool((layout[:, 0] == T).all()):
+        layout = None  # every row is [T, 0, 0]: plain causal (a mask costs 1.45x fwd+bwd on CPU, `python kernels.py`)
     if layout is None:  # the plain fast path: no mask tensor at all
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-    T = q.shape[2]
     mask = layout_mask(layout, T, q.device)  # (B, 1, T, T)
     valid = (torch.arange(T, device=q.device) < layout.to(q.device).sum(1, keepdim=True)).view(-1, 1, T, 1)
     # a padding row attends nothing; let it see itself so softmax stays finite, then zero it: no NaN fwd or bwd
@@ -685,6 +687,29 @@ def _bench_attention(dtype=torch.bfloat16):
             del q, k, v, kr, vr, q1, k1, v1, q2, k2, v2
 
 
+def _bench_attention_cpu(B=2, Hq=14, Hkv=2, T=1024, D=64, rounds=3):
+    # the CPU path is the SDPA reference: what a layout costs there, and a pair row vs its two causal rows, fwd+bwd
+    import time
+    P, C = int(0.9 * T), (T - int(0.9 * T)) // 2
+    R = T - P - C
+    q, k, v = (torch.randn(B, h, T, D, requires_grad=True) for h in (Hq, Hkv, Hkv))
+    dup = [torch.randn(2 * B, h, P + max(C, R), D, requires_grad=True) for h in (Hq, Hkv, Hkv)]
+    runs = {"is_causal (layout=None)": ((q, k, v), None), "layout [T, 0, 0]": ((q, k, v), [T, 0, 0]),
+            f"pair layout [{P}, {C}, {R}]": ((q, k, v), [P, C, R]),
+            f"2 causal rows of {P + max(C, R)}": (dup, None)}
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):  # interleaved in one process
+        for name, (x, lay) in runs.items():
+            lay = torch.tensor([lay] * B) if lay is not None else None
+            t0 = time.perf_counter()
+            torch.autograd.grad(attention(*x, layout=lay).sum(), x)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    base = best["is_causal (layout=None)"]
+    print(f"attention reference (CPU path) fwd+bwd, B={B} rows, Hq={Hq} Hkv={Hkv} T={T} D={D} fp32, best of {rounds}:")
+    for name, t in best.items():
+        print(f"  {name:>24}: {t * 1e3:7.1f} ms ({t / base:.2f}x)")
+
+
 def _logprobs_inputs(N, V, d, device, dtype):
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(N, d, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -756,7 +781,8 @@ def main():
         _bench_attention()
         _bench_logprobs("cuda", Ns=(4096,), N_time=4096, dtype=torch.bfloat16, rounds=5)
     else:
-        print("no CUDA device: attention is benchmarked on GPUs only; CPU fused_logprobs below")
+        print("no CUDA device: the Triton kernels are benchmarked on GPUs only; CPU paths below")
+        _bench_attention_cpu()
         _bench_logprobs("cpu", Ns=(256, 1024), N_time=256)
 
 

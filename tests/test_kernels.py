@@ -167,6 +167,7 @@ def test_reference_plain_causal_takes_the_fast_path(monkeypatch):
     o = kernels.attention_ref(q, k, v)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.equal(o, want)
+    assert torch.equal(kernels.attention_ref(q, k, v, layout=torch.tensor([[9, 0, 0]])), want)  # all rows full
 
 
 def pair_vs_two_rows(fn, P, C, R, pad, dtype):
