@@ -54,6 +54,8 @@ def _check_attention_args(q, k, v, causal, layout):
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
         raise ValueError(f"attention needs q and k/v with the same batch, length and head dim; got q {tuple(q.shape)} "
                          f"and k {tuple(k.shape)} (decode with a KV cache belongs to F.scaled_dot_product_attention)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if Hq % k.shape[1] != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]}) for GQA")
     if layout is not None:
@@ -458,7 +460,10 @@ def _chunk_logits(h, weight, buf):
     if h.dtype == torch.float32:
         return torch.mm(h, weight.T, out=buf[:h.shape[0]]) if buf is not None else h @ weight.T
     if h.is_cuda:
-        return torch.mm(h, weight.T, out_dtype=torch.float32)
+        try:
+            return torch.mm(h, weight.T, out_dtype=torch.float32)
+        except TypeError:  # torch without mm(out_dtype=): bf16 logits, upcast (costs ~2**-9 relative on each logit)
+            pass
     return (h @ weight.T).float()
 
 
@@ -571,15 +576,17 @@ def fused_logprobs_ref(hidden, weight, targets):
 def fused_logprobs(hidden, weight, targets, chunk_size=None):
     """log softmax(hidden @ weight.T)[n, targets[n]] -> (N,) float32, differentiable in hidden and weight.
     hidden (N, d), weight (V, d), targets (N,) int in [0, V) or -100 (ignored: logp 0, no gradient).
-    Never allocates N x V: rows go in chunks of `chunk_size` (default ~256 MiB of fp32 logits on CUDA, ~64 MiB on
-    CPU), so extra memory is O(chunk_size x V) (one fp32 chunk, plus one chunk in hidden's dtype in backward when
-    that is not fp32) besides the (N,) LSE and the gradients themselves. CUDA / interpreter: the per-chunk
-    LSE/gradient pass is a Triton kernel and the matmuls stay on cuBLAS; CPU: the same chunks in PyTorch."""
+    Never allocates N x V: rows go in chunks of `chunk_size` (default: equal chunks of at most ~256 MiB of fp32
+    logits on CUDA, ~128 MiB on CPU), so extra memory is O(chunk_size x V) -- one fp32 chunk, plus one chunk in
+    hidden's dtype in backward when that is not fp32 -- besides the (N,) LSE and the gradients themselves.
+    CUDA / interpreter: the per-chunk LSE / gradient pass is a Triton kernel, the matmuls stay on cuBLAS;
+    CPU: the same chunks in PyTorch."""
     _check_logprobs_args(hidden, weight, targets)
     chunk = chunk_size
     if chunk is None:  # equal chunks under the budget: no small tail chunk, which the GEMMs run inefficiently
-        max_chunk = _default_chunk(weight.shape[0], hidden.device)
-        chunk = -(-hidden.shape[0] // -(-hidden.shape[0] // max_chunk))
+        N = hidden.shape[0]
+        n_chunks = max(1, -(-N // _default_chunk(weight.shape[0], hidden.device)))
+        chunk = max(1, -(-N // n_chunks))
     return _FusedLogprobs.apply(hidden, weight, targets, chunk)
 
 
