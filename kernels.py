@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# decided once, like triton.jit itself: kernels decorated under TRITON_INTERPRET=1 are interpreted and accept CPU tensors
+# decided once, as triton.jit itself does: kernels decorated under TRITON_INTERPRET=1 run interpreted on CPU tensors
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) == exp2(x * LOG2E); the kernels work in base 2
 IGNORE_INDEX = -100  # a target of -100 gives logp 0 and no gradient (padding in dpo.py)
@@ -180,7 +180,8 @@ def _query_ranges(n0, BLOCK_N: tl.constexpr, P, PC, L, CAUSAL: tl.constexpr):
 def _attn_fwd(Q, K, V, O, LSE, LAYOUT, qk_scale, T, H, G,
               sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
               HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     b = (tl.program_id(1) // H).to(tl.int64)  # int64: b * stride passes 2**31 elements on long batches
     h = tl.program_id(1) % H
@@ -236,7 +237,8 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, offs_m, offs_d, lo, hi, P,
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, G,
                  sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
                  HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     # one query tile of one head
     pid_m = tl.program_id(0)
     b = (tl.program_id(1) // H).to(tl.int64)  # int64: b * stride passes 2**31 elements on long batches
@@ -295,7 +297,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dt, offs_n, o
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, G,
                    sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
                    HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     # one key tile of one kv head; loops over the G query heads that share it (GQA without atomics) and over the
     # query rows that can see it (_query_ranges)
     pid_n = tl.program_id(0)
@@ -762,7 +765,8 @@ def _bench_logprobs(device, Ns, N_time, V=151936, d=3584, dtype=torch.float32, r
                    str(dtype).split(".")[1]]
             peak[impl] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         mib = lambda x: f"{x / 2**20:.0f} MiB"
-        print(f"  N={N:>5}: naive {mib(peak['naive'])}, fused {mib(peak['fused'])} ({peak['fused'] / peak['naive']:.3f}x);"
+        print(f"  N={N:>5}: naive {mib(peak['naive'])}, fused {mib(peak['fused'])} "
+              f"({peak['fused'] / peak['naive']:.3f}x);"
               f" beyond the {mib(grads(N))} of grads: naive {mib(peak['naive'] - grads(N))}, fused "
               f"{mib(peak['fused'] - grads(N))} ({(peak['fused'] - grads(N)) / (peak['naive'] - grads(N)):.3f}x)")
     inputs = _logprobs_inputs(N_time, V, d, device, dtype)

@@ -20,7 +20,7 @@ KERNELS_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 # Triton decides interpreted-or-compiled when @triton.jit decorates, including for its own standard library, so
 # the interpreter needs TRITON_INTERPRET=1 before triton is first imported. The Triton tests (names containing
-# "triton") therefore run in a child pytest started with that variable by test_kernels_under_interpreter_in_child_process;
+# "triton") therefore run in a child pytest that test_kernels_under_interpreter_in_child_process starts with it set;
 # run them directly with: TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_kernels.py -k triton
 INTERPRETED = kernels._INTERPRET
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -31,13 +31,9 @@ def test_kernels_under_interpreter_in_child_process():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(KERNELS_PY))
-    assert proc.returncode == 0, f"Triton tests under the interpreter failed:\n{proc.stdout[-6000:]}{proc.stderr[-2000:]}"
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, f"Triton tests under the interpreter failed:\n{tail}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
-
-
-@pytest.fixture
-def tk():
-    return kernels  # imported under TRITON_INTERPRET=1: CPU tensors go through the Triton kernels
 
 
 def tol(dtype):
@@ -148,8 +144,8 @@ CASES = [  # (T, Hq, Hkv, D, dtype, mode): every T, GQA 4:1 and 3:1, head dims 6
 
 @needs_interpreter
 @pytest.mark.parametrize("T,Hq,Hkv,D,dtype,mode", CASES)
-def test_triton_attention_matches_fp64(tk, T, Hq, Hkv, D, dtype, mode):
-    check_attention(tk.attention, T, Hq, Hkv, D, dtype, mode)
+def test_triton_attention_matches_fp64(T, Hq, Hkv, D, dtype, mode):
+    check_attention(kernels.attention, T, Hq, Hkv, D, dtype, mode)
 
 
 @pytest.mark.parametrize("T,Hq,Hkv,D,dtype,mode", CASES)
@@ -202,8 +198,8 @@ def pair_vs_two_rows(fn, P, C, R, pad, dtype):
 
 @needs_interpreter
 @pytest.mark.parametrize("P,C,R,pad", [(37, 21, 30, 5), (16, 16, 16, 0), (0, 9, 7, 2), (20, 0, 11, 0)])
-def test_prefix_sharing_invariant_triton(tk, P, C, R, pad):
-    pair_vs_two_rows(tk.attention, P, C, R, pad, torch.float32)
+def test_prefix_sharing_invariant_triton(P, C, R, pad):
+    pair_vs_two_rows(kernels.attention, P, C, R, pad, torch.float32)
 
 
 @pytest.mark.parametrize("P,C,R,pad", [(37, 21, 30, 5), (0, 9, 7, 2), (20, 0, 11, 0)])
@@ -265,8 +261,8 @@ def check_logprobs(fn, N, V, d, chunk, dtype, seed=0):
     (7, 5003, 17, 3, torch.float32),  # vocabulary spans two BLOCK_V=4096 slices of the online LSE
     (13, 101, 24, 4, torch.bfloat16),
 ])
-def test_fused_logprobs_triton(tk, N, V, d, chunk, dtype):
-    check_logprobs(tk.fused_logprobs, N, V, d, chunk, dtype)
+def test_fused_logprobs_triton(N, V, d, chunk, dtype):
+    check_logprobs(kernels.fused_logprobs, N, V, d, chunk, dtype)
 
 
 @pytest.mark.parametrize("N,V,d,chunk,dtype", [
