@@ -204,6 +204,8 @@ class Tokenizer:
         skip_special drops the added tokens marked special, like HF's skip_special_tokens."""
         if skip_special:
             ids = [i for i in ids if i not in self._skip_ids]
+        # ids past the vocabulary (the padded embedding rows a model can still emit) decode to nothing, like tokenizers
+        ids = [i for i in ids if 0 <= i <= self.enc.max_token_value]
         return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def encode_prompt(self, text, num_video_tokens):

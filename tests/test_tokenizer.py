@@ -218,3 +218,13 @@ def test_bad_tokenizer_files(tmp_path, trained):
         Tokenizer.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="unknown model family"):
         chat_prompt("llava", [])
+
+
+def test_decode_skips_ids_past_the_vocabulary(tmp_path):
+    """A model's padded embedding rows (152000 rows for 151648 tokens) can be sampled; decoding drops them, as
+    `tokenizers` does, instead of raising."""
+    from tests.tiny import make_tiny_checkpoint
+    path = make_tiny_checkpoint(tmp_path / "ckpt")
+    ours, ref = Tokenizer.from_pretrained(path), tokenizers.Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
+    ids = ours.encode("Hi there") + [ours.enc.max_token_value + 1, 10**6]
+    assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False) == "Hi there"
