@@ -15,9 +15,11 @@ executed) or `--key=value` overrides, applied left to right. Fixed against nanoG
 import ast
 import json
 import os
+import re
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SECRET_WORDS = ("key", "token", "secret", "password")
+# names that hold credentials: api_key, openai_key, hf_token, secret, password (not max_new_tokens or key_frames)
+SECRET_NAME = re.compile(r"(^|_)(api_?key|key|token|secret|password)$", re.IGNORECASE)
 
 
 def _coerce(key, value, default):
@@ -90,7 +92,7 @@ def configure(defaults, argv):
 
 
 def is_secret(key):
-    return any(word in key.lower() for word in SECRET_WORDS)
+    return bool(SECRET_NAME.search(key))
 
 
 def masked(config):

@@ -49,6 +49,9 @@ def test_path_resolved_from_repo(tmp_path, monkeypatch):
 def test_secrets_masked(tmp_path):
     cfg = configure(DEFAULTS, ["--api_key=sk-secret"])
     assert masked(cfg)["api_key"] == "***"
+    names = dict(hf_token="t", openai_key="k", password="p", max_new_tokens=8, judge_max_tokens=9, keyframes=3)
+    assert masked(names) == dict(hf_token="***", openai_key="***", password="***", max_new_tokens=8,
+                                 judge_max_tokens=9, keyframes=3)
     save_config(cfg, str(tmp_path / "config.json"))
     text = (tmp_path / "config.json").read_text()
     assert "sk-secret" not in text and json.loads(text)["steps"] == 10
