@@ -198,8 +198,10 @@ def generate_answers(todo, model_dir, video_root, out_path, err_path, num_frames
             outs = vlm.generate([ids for _, ids, _ in batch], pixel_values_videos=pixels,
                                 max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids)
             for (it, _, _), new in zip(batch, outs):
-                write_record(fo, {"id": it["id"], "answer": tok.decode(new, skip_special=True).strip(),
-                                  "model": model_dir})
+                # ids past the tokenizer's vocabulary (embedding rows padded to a multiple of 64) have no text;
+                # an untrained model can emit them and tokenizer.decode raises on them, so they are dropped
+                text = tok.decode([i for i in new if i < tok.vocab_size], skip_special=True).strip()
+                write_record(fo, {"id": it["id"], "answer": text, "model": model_dir})
                 stats["new_tokens"] += len(new)
             stats["answered"] += len(batch)
             if bar is not None:

@@ -1,0 +1,13 @@
+# bench.py on the demo's mini set: held-out split of the offline pairs, the tiny model, the offline judge (keyword
+# refusal rule: a smoke test of the plumbing, not a judge). After generate_pairs.py config/pairs_offline.py:
+#   python bench.py --split_pairs=out/demo/pairs.jsonl --test_fraction=0.25     # train / held-out, by video
+#   python bench.py config/bench_demo.py --model=out/demo/model --out_dir=out/demo/bench_base
+#   python bench.py config/bench_demo.py --model=<dpo checkpoint> --out_dir=out/demo/bench_dpo
+#   python bench.py config/bench_demo.py --compare=out/demo/bench_base,out/demo/bench_dpo --out_dir=out/demo/bench_cmp
+items = "out/demo/pairs.heldout.jsonl"
+video_root = "out/demo/videos"  # describe.py records `video` relative to the videos directory
+train_pairs = "out/demo/pairs.train.jsonl"  # the overlap guard: no held-out video was trained on
+judge_url = "offline"
+num_frames = 8
+max_new_tokens = 32  # the tiny model's answers are noise; 32 tokens show the plumbing
+batch_size = 4
