@@ -87,15 +87,16 @@ def naive_attention(q, k, v, causal, layout):
 
 
 def make_layouts(T):
-    """Four rows mixing every case: a full causal row, a padded pair, a pair with an empty branch, padding only
-    (and, for T >= 3, an empty prefix / empty second branch)."""
+    """Six rows mixing every case: full causal, a padded pair, no prefix, each branch empty, padding only."""
     if T == 1:
-        return torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
+        return torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0], [0, 0, 0]])
     P, C = T // 3, T // 4
     return torch.tensor([[T, 0, 0],
                          [P, C, T - P - C - 1],  # pair + 1 padding token
                          [0, C, T - C - 3],  # no shared prefix
-                         [P, C, 0]])  # empty second branch + padding
+                         [P, C, 0],  # empty second branch + padding
+                         [C, 0, T // 2],  # empty first branch + padding
+                         [0, 0, 0]])  # padding only
 
 
 def make_qkv(B, Hq, Hkv, T, D, dtype, seed=0):
@@ -110,7 +111,7 @@ def make_qkv(B, Hq, Hkv, T, D, dtype, seed=0):
 def check_attention(fn, T, Hq, Hkv, D, dtype, mode):
     causal = mode != "full"
     layout = make_layouts(T) if mode == "layout" else None
-    q, k, v, do = make_qkv(4, Hq, Hkv, T, D, dtype)
+    q, k, v, do = make_qkv(6 if layout is not None else 2, Hq, Hkv, T, D, dtype)
     qkv = [x.clone().requires_grad_() for x in (q, k, v)]
     o = fn(*qkv, causal=causal, layout=layout)
     assert o.dtype == dtype and o.shape == q.shape
