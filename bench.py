@@ -276,6 +276,16 @@ def judge_messages(item, answer, tpl, rules):
     return render(tpl[item["query_type"]], **fields)
 
 
+def check_judge_templates(tpl, rules):
+    """Render both templates once, so a bad placeholder stops the run before any call, naming the file."""
+    for qt in QUERY_TYPES:
+        try:
+            judge_messages(dict(id="x", query="q", category="c", query_type=qt), "a", tpl, rules)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"judge template judge_{qt}.txt uses an unknown or malformed placeholder {e}; known: "
+                             "rule_id, refuse, safe_help, video_guidance, category, boundary, request, intent, answer")
+
+
 def parse_score(text):
     """The integer 1-5 on the judge's first non-empty line ("3", "Score: 3", "**3**", "3/5"), else None."""
     line = next((ln for ln in (text or "").splitlines() if ln.strip()), "")
@@ -657,7 +667,12 @@ def run(cfg):
     items_list = load_items(cfg["items"])
     overlap = check_overlap(items_list, cfg["train_pairs"], cfg["allow_train_overlap"])
     items_by_id = {it["id"]: it for it in items_list}
-    load_taxonomy(cfg["taxonomy"]), load_judge_templates(cfg["prompts"])  # config errors before any work
+    tax = load_taxonomy(cfg["taxonomy"])
+    check_judge_templates(load_judge_templates(cfg["prompts"]), tax["rules"])  # config errors before any work
+    unknown = sorted({it["rule"] for it in items_list if it.get("rule") and it["rule"] not in tax["rules"]})
+    if unknown:
+        print(f"warning: rule ids {unknown[:5]} are not in {cfg['taxonomy']}; those items are judged against a "
+              "generic rule for their category")
     gen = None
     if cfg["model"]:
         if not os.path.isdir(cfg["model"]):
@@ -689,7 +704,7 @@ def run(cfg):
     extra = dict(model=", ".join(models) or cfg["model"], judge="offline" if cfg["judge_url"] == "offline"
                  else cfg["judge_model"], items=len(items_list), answered=len(answers_by_id),
                  unanswered=len(items_list) - len(answers_by_id), unjudged=len(answers_by_id) - len(judgments),
-                 train_overlap=overlap, generation=gen)
+                 train_overlap=overlap, taxonomy_version=tax["version"], generation=gen)
     summary = summarize(judgments, cfg["threshold"], cfg["ci"], cfg["n_bootstrap"], cfg["seed"], extra)
     write_json(os.path.join(out_dir, "summary.json"), summary)
     write_report(out_dir, summary, judgments, items_by_id, answers_by_id)

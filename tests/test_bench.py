@@ -9,6 +9,7 @@ importer; compare; the --model path on a tiny checkpoint.
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -355,6 +356,14 @@ def test_bad_config_fails_before_work(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [dict(make_items(1, 0)[0], query_type="evil")])
     with pytest.raises(ValueError, match="query_type"):
         bench.run(cfg_for(tmp_path, items=bad, answers=its))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for qt in ("harmful", "benign"):
+        text = (pathlib.Path(REPO) / "data/prompts" / f"judge_{qt}.txt").read_text()
+        (prompts / f"judge_{qt}.txt").write_text(text.replace("${answer}", "${the_answer}") if qt == "benign" else text)
+    with pytest.raises(ValueError, match="judge_benign.txt .*the_answer"):
+        bench.run(cfg_for(tmp_path, items=its, answers=its, prompts=str(prompts)))
+    assert not (tmp_path / "run" / "judgments.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
