@@ -662,6 +662,9 @@ def run(cfg):
     for key in ("num_frames", "max_new_tokens", "batch_size", "concurrency", "judge_max_tokens", "n_bootstrap"):
         if cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    if not (cfg["judge_url"] or os.environ.get("OPENAI_BASE_URL")):  # before hours of generation, not after
+        raise ValueError("no judge endpoint: set --judge_url (or OPENAI_BASE_URL) to an OpenAI-compatible base URL "
+                         "such as http://localhost:8000/v1, or to 'offline' for the keyword rule")
     out_dir = cfg["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
     items_list = load_items(cfg["items"])

@@ -347,10 +347,13 @@ def test_videosafetybench_importer(tmp_path):
         vsb.convert(str(src), os.path.join(REPO, "data/taxonomy.json"))
 
 
-def test_bad_config_fails_before_work(tmp_path):
+def test_bad_config_fails_before_work(tmp_path, monkeypatch):
     its = write_jsonl(tmp_path / "i.jsonl", make_items(1, 0))
     with pytest.raises(ValueError, match="exactly one"):
         bench.run(cfg_for(tmp_path, items=its))
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="no judge endpoint"):
+        bench.run(cfg_for(tmp_path, items=its, answers=its, judge_url=""))
     with pytest.raises(FileNotFoundError, match="items"):
         bench.run(cfg_for(tmp_path, items=str(tmp_path / "nope.jsonl"), answers=its))
     bad = write_jsonl(tmp_path / "bad.jsonl", [dict(make_items(1, 0)[0], query_type="evil")])
