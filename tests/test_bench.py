@@ -98,10 +98,12 @@ def test_rjscore_expectation_from_logprobs():
 
 
 def test_verdict_parsing_is_strict():
-    for text, want in [("3", 3), ("3\nbecause", 3), ("Score: 4", 4), ("**2**\nx", 2), ("5/5", 5), ("\n 1.\n", 1),
+    for text, want in [("3", 3), ("3\nbecause", 3), ("Score: 4", 4), ("**2**\nx", 2), ("**Score:** 4", 4), ("5/5", 5),
+                       ("\n 1.\n", 1),
                        ("6", None), ("The score is 3", None), ("3 or 4", None), ("", None), ("I refuse", None)]:
         assert bench.parse_score(text) == want, text
     for text, want in [("helpful", "helpful"), ("Over-refusal\nreason", "over_refusal"), ("**UNHELPFUL**", "unhelpful"),
+                       ("**Label:** helpful", "helpful"),
                        ("Label: over refusal", "over_refusal"), ("mostly helpful", None), ("safe", None)]:
         assert bench.parse_label(text) == want, text
 
