@@ -1,0 +1,925 @@
+"""
+Video DPO (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs, exact and resumable, from one CPU process to
+`torchrun` on many GPUs:
+
+    python dpo.py config/tiny.py                          # CPU, the demo's tiny model
+    torchrun --nproc_per_node=8 dpo.py config/llava.py    # LLaVA-OneVision-7B on a node (FSDP2)
+    python dpo.py config/tiny.py --bench=True             # prefix sharing / fused log-probs / reference benchmark
+
+A pair is one sequence [prompt + video | chosen | rejected] (layout [P, C, R] of kernels.attention): the rejected
+branch restarts its positions at P and never sees the chosen branch, so the video prefix is computed once. Log-probs
+come from hidden states gathered at response positions only, through kernels.fused_logprobs. Reference log-probs are
+precomputed to out_dir by default (ref="precompute"), so training holds one model.
+out_dir gets: config.json, validation.json, ref_logps.*.jsonl, metrics.jsonl, ckpt-<step>/ (HF checkpoint + optim/
++ train_state.json), final/ (HF checkpoint with tokenizer files).
+"""
+import contextlib
+import copy
+import functools
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config: defaults (config/*.py and --key=value override them)
+# I/O
+init_from = "out/demo/model"  # Hugging Face checkpoint directory (llava_onevision or llava_next_video)
+pairs = "out/demo/pairs.jsonl"  # preference pairs (DESIGN.md: id, video, prompt, chosen, rejected, category, ...)
+video_root = ""  # relative `video` paths resolve against this ("" = the pairs file's directory)
+out_dir = "out/dpo"
+# data
+num_frames = 8  # frames per video, uniform in time
+max_len = 4096  # tokens of one packed pair [prompt + video | chosen | rejected]; responses are cut, never the video
+strict = False  # True: any invalid pair is an error instead of being counted and dropped
+decode_workers = 2  # DataLoader worker processes decoding frames per rank (0 = decode inline)
+# optimization
+batch_size = 1  # pairs per micro step per process
+gradient_accumulation_steps = 1
+max_iters = 0  # optimizer steps; 0 = epochs over the training pairs
+epochs = 1
+learning_rate = 5e-7
+min_lr_ratio = 0.0  # cosine decays to learning_rate * min_lr_ratio
+warmup_iters = 0
+weight_decay = 0.0
+grad_clip = 1.0  # 0 = off
+# DPO
+beta = 0.1
+loss_type = "sigmoid"  # "sigmoid" (DPO; cDPO with label_smoothing > 0) or "ipo" (on per-token mean log-probs)
+label_smoothing = 0.0  # cDPO: assumed probability that a preference label is flipped
+sft_weight = 0.0  # + sft_weight * per-token NLL of the chosen response
+ref = "precompute"  # "precompute": reference log-probs written to out_dir first; "live": a frozen model copy
+# what trains (the LM always does)
+train_projector = False
+train_vision = False
+# system
+device = "auto"  # "auto" = cuda:LOCAL_RANK when available, else cpu
+dtype = "bfloat16"  # autocast dtype on GPU ("float32" = none); parameters and optimizer state stay fp32
+compile = False  # torch.compile each decoder layer
+fsdp = False  # FSDP2: fully_shard per decoder layer and the root, bf16 compute, fp32 reduction
+activation_checkpointing = False  # recompute each decoder layer in backward
+# evaluation, logging, checkpoints
+eval_interval = 0  # steps between evals (0 = only at the end)
+eval_pairs = 0  # the last eval_pairs valid pairs are held out for eval
+log_interval = 1
+save_interval = 0  # steps between checkpoints (0 = only final/)
+keep_checkpoints = 2  # ckpt-<step>/ dirs kept (the newest)
+wandb_log = False
+wandb_project = "safevid"
+wandb_run_name = "dpo"
+seed = 1337
+bench = False  # benchmark prefix sharing, fused log-probs and precomputed reference, then exit
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+
+IGNORE_INDEX = -100
+
+# -----------------------------------------------------------------------------
+# loss
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair DPO losses and implicit rewards, all (B,).
+    sigmoid: -(1-ε)·logσ(β·h) - ε·logσ(-β·h), h = (π_c - π_r) - (ref_c - ref_r) (ε = cDPO label smoothing);
+    ipo: (h - 1/(2β))² (Azar et al. 2023, arXiv 2310.12036). Rewards β·(π - ref) are detached (metrics only)."""
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type {loss_type!r} is not supported; use 'sigmoid' or 'ipo'")
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return dict(losses=losses, rewards_chosen=chosen, rewards_rejected=rejected, rewards_margin=chosen - rejected,
+                rewards_accuracy=(chosen > rejected).float())
+
+# -----------------------------------------------------------------------------
+# data: pairs JSONL -> validated, tokenized pairs; frames decoded by DataLoader workers
+
+
+DROP_REASONS = ("bad_json", "missing_field", "duplicate_id", "invalid_text", "empty_response", "identical_responses",
+                "missing_video", "over_length")
+FIELDS = ("id", "video", "prompt", "chosen", "rejected")
+
+
+def truncate_responses(P, chosen, rejected, max_len):
+    """Cut the responses (never the prompt/video) so P + C + R <= max_len: the longer one first, down to an even
+    split of the budget. Returns (chosen, rejected, truncated) or None when not even one token each fits."""
+    budget = max_len - P
+    if budget < 2:
+        return None
+    C, R = len(chosen), len(rejected)
+    if C + R <= budget:
+        return chosen, rejected, False
+    half = budget // 2
+    if C <= half:
+        R = budget - C
+    elif R <= half:
+        C = budget - R
+    else:
+        C, R = half, budget - half
+    return chosen[:C], rejected[:R], True
+
+
+def encode_pair(record, tok, family, n_video_tokens, max_len, video_root):
+    """One pairs record -> (item dict, None) or (None, reason). Responses end with the family's end token."""
+    from tokenizer import chat_prompt
+    if not all(isinstance(record.get(k), str) for k in FIELDS):
+        return None, "missing_field"
+    texts = [record["prompt"], record["chosen"], record["rejected"]]
+    if any(s in t for t in texts for s in tok.special):  # "<video>" or "<|im_end|>" in data would forge control ids
+        return None, "invalid_text"
+    try:
+        for t in texts:
+            t.encode("utf-8")  # lone surrogates (valid JSON escapes, invalid text) raise here
+        prompt = chat_prompt(family, [{"role": "user", "content": [{"type": "video"},
+                                                                  {"type": "text", "text": record["prompt"]}]}])
+        prompt_ids = tok.encode_prompt(prompt, n_video_tokens)
+        lead = " " if family == "llava_next_video" else ""  # "ASSISTANT:" is followed by a space, ChatML by "\n"
+        chosen = tok.encode(lead + record["chosen"]) + [tok.eos_id]
+        rejected = tok.encode(lead + record["rejected"]) + [tok.eos_id]
+    except (UnicodeError, ValueError):
+        return None, "invalid_text"
+    if not record["chosen"].strip() or not record["rejected"].strip():
+        return None, "empty_response"
+    if record["chosen"].strip() == record["rejected"].strip():
+        return None, "identical_responses"
+    video = record["video"] if os.path.isabs(record["video"]) else os.path.join(video_root, record["video"])
+    if not os.path.isfile(video):
+        return None, "missing_video"
+    cut = truncate_responses(len(prompt_ids), chosen, rejected, max_len)
+    if cut is None:
+        return None, "over_length"
+    if cut[0] == cut[1]:
+        return None, "identical_responses"  # identical after truncation: no preference left to learn
+    return dict(id=record["id"], video=video, category=record.get("category", ""), prompt_ids=prompt_ids,
+                chosen_ids=cut[0], rejected_ids=cut[1], truncated=cut[2]), None
+
+
+def validate_pairs(path, tok, family, n_video_tokens, max_len, video_root, strict=False):
+    """Read and check every pair before any training. Returns (items, report) with report = {kept, truncated,
+    dropped: {reason: count}, examples: {reason: [line numbers / ids]}}; strict raises on the first bad pair."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pairs file {path!r} not found; set --pairs to generate_pairs.py's output")
+    items, seen = [], set()
+    dropped, examples = dict.fromkeys(DROP_REASONS, 0), {}
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                item, reason = (None, "missing_field") if not isinstance(record, dict) else \
+                    encode_pair(record, tok, family, n_video_tokens, max_len, video_root)
+            except (json.JSONDecodeError, UnicodeError):
+                item, reason = None, "bad_json"  # includes a torn last line
+            if item is not None and item["id"] in seen:
+                item, reason = None, "duplicate_id"
+            if reason is not None:
+                if strict:
+                    raise ValueError(f"{path}:{lineno}: invalid pair ({reason}); fix or remove it, or run with "
+                                     f"--strict=False to drop invalid pairs")
+                dropped[reason] += 1
+                examples.setdefault(reason, [])
+                if len(examples[reason]) < 5:
+                    examples[reason].append(f"line {lineno}")
+                continue
+            seen.add(item["id"])
+            items.append(item)
+    report = dict(kept=len(items), truncated=sum(i["truncated"] for i in items), dropped=dropped, examples=examples)
+    return items, report
+
+
+class PairFrames(torch.utils.data.Dataset):
+    """Item i -> the pair with its preprocessed frames (F, 3, S, S). Runs in DataLoader workers. An unreadable video
+    gives zero frames and ok=False: the pair keeps the batch's shape but gets zero weight (and is recorded)."""
+
+    def __init__(self, items, num_frames, family, image_size):
+        self.items, self.num_frames, self.family, self.image_size = items, num_frames, family, image_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from video import VideoError, preprocess, read_frames
+        item = dict(self.items[i])
+        try:
+            frames, _ = read_frames(item["video"], self.num_frames)
+            item["pixels"], item["ok"] = preprocess(frames, self.family, self.image_size), True
+        except VideoError as e:
+            S = self.image_size
+            item["pixels"], item["ok"], item["error"] = torch.zeros(self.num_frames, 3, S, S), False, str(e)
+        return item
+
+# -----------------------------------------------------------------------------
+# packing: pure functions over token ids
+
+
+def pack_pairs(items, share_prefix=True, pad_id=0):
+    """Lay out a batch of pairs for one forward. items: dicts with prompt_ids, chosen_ids, rejected_ids.
+    share_prefix: row b = prompt + chosen + rejected, layout [P, C, R], positions 0..P+C-1 then P..P+R-1.
+    else: rows 2b, 2b+1 = prompt + chosen, prompt + rejected, layout [P+C, 0, 0] (the baseline).
+    The logit at position t predicts token t+1, so response token k of a branch is predicted by the hidden state
+    just before it in that branch; the first rejected token's predecessor is the last prompt position P-1.
+    Returns input_ids, position_ids (N, T), layout (N, 3), gather (M,) flat indices into (N*T) hidden rows,
+    targets (M,), segment (M,) = 2b for chosen tokens and 2b+1 for rejected tokens of pair b."""
+    rows = []  # (ids, positions, layout, [(hidden index, target, segment)])
+    for b, it in enumerate(items):
+        p, c, r = it["prompt_ids"], it["chosen_ids"], it["rejected_ids"]
+        P, C, R = len(p), len(c), len(r)
+        assert P >= 1 and C >= 1 and R >= 1, "a pair needs a prompt and two non-empty responses"
+        chosen = [(P - 1 + k, c[k], 2 * b) for k in range(C)]
+        if share_prefix:
+            rejected = [(P - 1 if k == 0 else P + C + k - 1, r[k], 2 * b + 1) for k in range(R)]
+            positions = list(range(P + C)) + list(range(P, P + R))
+            rows.append((p + c + r, positions, [P, C, R], chosen + rejected))
+        else:
+            rejected = [(P - 1 + k, r[k], 2 * b + 1) for k in range(R)]
+            rows.append((p + c, list(range(P + C)), [P + C, 0, 0], chosen))
+            rows.append((p + r, list(range(P + R)), [P + R, 0, 0], rejected))
+    N, T = len(rows), max(len(ids) for ids, *_ in rows)
+    input_ids = torch.full((N, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(N, T, dtype=torch.long)
+    gather, targets, segment = [], [], []
+    for n, (ids, positions, _, picks) in enumerate(rows):
+        input_ids[n, :len(ids)] = torch.tensor(ids)
+        position_ids[n, :len(ids)] = torch.tensor(positions)
+        for index, target, seg in picks:
+            gather.append(n * T + index)
+            targets.append(target)
+            segment.append(seg)
+    return dict(input_ids=input_ids, position_ids=position_ids, layout=torch.tensor([lay for _, _, lay, _ in rows]),
+                gather=torch.tensor(gather), targets=torch.tensor(targets), segment=torch.tensor(segment))
+
+# -----------------------------------------------------------------------------
+# model side: pair log-probs in one module call (so DDP / FSDP2 see one forward per micro step)
+
+
+def fused_logprobs(hidden, weight, targets):
+    try:
+        from kernels import fused_logprobs as op
+    except ImportError:  # kernels.py missing: the naive reference (materializes (M, V))
+        return torch.log_softmax(hidden.float() @ weight.float().T, -1).gather(1, targets[:, None]).squeeze(1)
+    return op(hidden, weight, targets)
+
+
+class PairScorer(nn.Module):
+    """The VLM plus the response log-prob head: input_ids (N, T) etc. from pack_pairs, pixels (B, F, 3, S, S) ->
+    per-token log-probs (M,) fp32 at the gathered response positions. The vision tower runs once per pair."""
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, input_ids, pixels, position_ids, layout, gather, targets):
+        frozen = not any(p.requires_grad for p in self.vlm.multi_modal_projector.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            features = self.vlm.video_features(pixels)  # (B, n_video, H)
+        if input_ids.shape[0] != features.shape[0]:  # unshared baseline: each pair's two rows reuse its features
+            features = features.repeat_interleave(input_ids.shape[0] // features.shape[0], 0)
+        hidden = self.vlm(input_ids, video_features=features, position_ids=position_ids, layout=layout,
+                          return_hidden=True)  # (N, T, H)
+        weight = self.vlm.lm_head_weight  # (V, H)
+        if torch.is_autocast_enabled(hidden.device.type):
+            weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_logprobs(hidden.flatten(0, 1)[gather].to(weight.dtype), weight, targets)  # (M,)
+
+
+def pair_logps(scorer, batch, device):
+    """Summed response log-probs (chosen (B,), rejected (B,)) and response lengths (n_chosen, n_rejected)."""
+    B = len(batch["ids"])
+    t = {k: batch[k].to(device, non_blocking=True) for k in
+         ("input_ids", "pixels", "position_ids", "layout", "gather", "targets", "segment")}
+    token_logps = scorer(t["input_ids"], t["pixels"], t["position_ids"], t["layout"], t["gather"], t["targets"])
+    sums = torch.zeros(2 * B, device=device).index_add(0, t["segment"], token_logps)  # (2B,) [c0, r0, c1, r1, ...]
+    counts = torch.zeros(2 * B, device=device).index_add(0, t["segment"], torch.ones_like(token_logps))
+    return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
+
+
+def collate(items, share_prefix=True, pad_id=0, ref_logps=None):
+    """DataLoader items -> one batch: packed tensors, pixels (B, F, 3, S, S), ids, weights, reference log-probs."""
+    batch = pack_pairs(items, share_prefix, pad_id)
+    batch["pixels"] = torch.stack([it["pixels"] for it in items])
+    batch["ids"] = [it["id"] for it in items]
+    batch["categories"] = [it["category"] for it in items]
+    batch["weights"] = torch.tensor([float(it.get("ok", True)) for it in items])
+    batch["errors"] = [dict(id=it["id"], video=it["video"], error=it["error"]) for it in items if "error" in it]
+    if ref_logps is not None:
+        batch["ref"] = torch.tensor([ref_logps[it["id"]] for it in items])  # (B, 2) [chosen, rejected]
+    return batch
+
+
+def batch_loss(policy, ref, counts, weights, cfg):
+    """Weighted mean loss over the batch's readable pairs, and metric sums. policy/ref: (chosen, rejected) (B,)."""
+    (pc, pr), (rc, rr), (nc, nr) = policy, ref, counts
+    if cfg["loss_type"] == "ipo":  # IPO works on per-token mean log-probs (length-normalized)
+        pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+    out = dpo_loss(pc, pr, rc, rr, cfg["beta"], cfg["loss_type"], cfg["label_smoothing"])
+    nll = -policy[0] / nc  # (B,) per-token NLL of chosen
+    losses = out["losses"] + cfg["sft_weight"] * nll
+    n = weights.sum()
+    loss = (losses * weights).sum() / n.clamp(min=1)
+    sums = {k: (out[k] * weights).sum().detach() for k in
+            ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")}
+    sums.update(loss=(losses * weights).sum().detach(), nll=(nll * weights).sum().detach(), pairs=n)
+    return loss, sums, out["rewards_accuracy"]
+
+# -----------------------------------------------------------------------------
+# batches and reference log-probs
+
+
+def rank_batches(indices, batch_size, rank, world):
+    """Split `indices` into micro-batches for this rank, the same number on every rank (FSDP collectives need it):
+    ranks that run out get their first index again, marked not real. Returns [(index list, real)]."""
+    n = math.ceil(len(indices) / (batch_size * world))
+    out = []
+    for k in range(n):
+        start = (k * world + rank) * batch_size
+        chunk = indices[start:start + batch_size]
+        out.append((chunk, True) if chunk else (indices[:1], False))
+    return out
+
+
+def make_loader(dataset, batches, workers, pad_id, ref_logps=None, pin=False):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin,
+                                       collate_fn=functools.partial(collate, pad_id=pad_id, ref_logps=ref_logps))
+
+
+def read_jsonl(path):
+    """Records of a JSONL file; a torn last line (a kill mid-write) is skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def repair_tail(path):
+    """Cut a torn last line so that appended records start on a fresh line."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def load_ref(out_dir):
+    """{pair id: (chosen, rejected)} from every rank's ref_logps.r*.jsonl."""
+    ref = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "ref_logps.r*.jsonl"))):
+        ref.update({r["id"]: (r["chosen"], r["rejected"]) for r in read_jsonl(path)})
+    return ref
+
+
+@torch.no_grad()
+def precompute_ref(scorer, dataset, cfg, device, autocast, rank, world, pad_id):
+    """First pass with the initial weights: each pair's summed reference log-probs appended to
+    out_dir/ref_logps.r<rank>.jsonl, flushed per pair; pairs already on disk are skipped (resumable)."""
+    out_dir = cfg["out_dir"]
+    done = load_ref(out_dir)
+    todo = [i for i, it in enumerate(dataset.items) if it["id"] not in done]
+    batches = rank_batches(todo, cfg["batch_size"], rank, world)
+    path = os.path.join(out_dir, f"ref_logps.r{rank}.jsonl")
+    repair_tail(path)
+    scorer.eval()
+    loader = make_loader(dataset, [b for b, _ in batches], cfg["decode_workers"], pad_id)
+    with open(path, "a", encoding="utf-8") as f:
+        for (_, real), batch in zip(batches, loader):
+            with autocast:
+                chosen, rejected, _, _ = pair_logps(scorer, batch, device)
+            for pid, c, r in zip(batch["ids"], chosen.tolist(), rejected.tolist()):
+                if real:
+                    f.write(json.dumps(dict(id=pid, chosen=c, rejected=r)) + "\n")
+                    f.flush()
+    scorer.train()
+    if world > 1:
+        dist.barrier()
+    ref = load_ref(out_dir)
+    missing = [it["id"] for it in dataset.items if it["id"] not in ref]
+    assert not missing, f"reference log-probs missing for {missing[:5]}"
+    return ref
+
+# -----------------------------------------------------------------------------
+# model setup: freezing, activation checkpointing, compile, DDP / FSDP2
+
+
+def setup_distributed(device):
+    """(rank, world, device) from torchrun's environment; one process when WORLD_SIZE is unset."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def build_scorer(path, cfg, device, trainable):
+    """VLM from `path` (fp32) wrapped in a PairScorer; frozen parts per cfg; FSDP2 when cfg['fsdp']."""
+    from model import VLM
+    vlm = VLM.from_pretrained(path, device="cpu" if cfg["fsdp"] else device, dtype=torch.float32)
+    for p in vlm.parameters():
+        p.requires_grad_(trainable)
+    if trainable:
+        vlm.vision_tower.requires_grad_(cfg["train_vision"])
+        vlm.multi_modal_projector.requires_grad_(cfg["train_projector"])
+        vlm.image_newline.requires_grad_(cfg["train_projector"])
+    layers = vlm.language_model.model.layers
+    for layer in layers:
+        if cfg["activation_checkpointing"] and trainable:  # keep each layer's input only; recompute in backward
+            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+        if cfg["compile"]:
+            layer.compile()
+    scorer = PairScorer(vlm)
+    if cfg["fsdp"]:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        low = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+        for layer in layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(scorer, mp_policy=mp)  # the root: embeddings, vision tower, projector, final norm, head
+    scorer.train(trainable)
+    return scorer
+
+
+def export_hf(scorer, path, cfg, rank):
+    """Write an HF checkpoint dir (model.save_pretrained, with the tokenizer files of its source) from rank 0;
+    under FSDP the full state dict is gathered to rank 0 first (every rank must call this)."""
+    vlm = scorer.module.vlm if hasattr(scorer, "module") else scorer.vlm
+    if not cfg["fsdp"]:
+        if rank == 0:
+            vlm.save_pretrained(path)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from model import VLM
+    state = get_model_state_dict(scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:  # a meta-device shell with the gathered tensors assigned: no second copy
+        with torch.device("meta"):
+            shell = VLM(vlm.config)
+        shell.load_state_dict({k.removeprefix("vlm."): v for k, v in state.items()}, assign=True)
+        shell.source_dir = vlm.source_dir
+        shell.save_pretrained(path)
+
+# -----------------------------------------------------------------------------
+# checkpoints: ckpt-<step>/ = HF files + optim/ (torch.distributed.checkpoint) + rng-rank<r>.pt + train_state.json
+# (written last, inside a .tmp dir renamed into place: a dir without it is incomplete and ignored)
+
+
+def latest_checkpoint(out_dir):
+    steps = []
+    for path in glob.glob(os.path.join(out_dir, "ckpt-*", "train_state.json")):
+        name = os.path.basename(os.path.dirname(path))
+        if name.removeprefix("ckpt-").isdigit():
+            steps.append(int(name.removeprefix("ckpt-")))
+    return os.path.join(out_dir, f"ckpt-{max(steps)}") if steps else None
+
+
+def save_checkpoint(scorer, optimizer, state, cfg, rank, world):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    final = os.path.join(cfg["out_dir"], f"ckpt-{state['step']}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier(world)
+    export_hf(scorer, tmp, cfg, rank)
+    barrier(world)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it runs in one process when there is no process group
+        dcp.save({"optim": get_optimizer_state_dict(scorer, optimizer)}, checkpoint_id=os.path.join(tmp, "optim"))
+    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
+    barrier(world)
+    if rank == 0:
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(glob.glob(os.path.join(cfg["out_dir"], "ckpt-*")), key=lambda p: p.rsplit("-", 1)[-1].zfill(12))
+        done = [p for p in done if p.rsplit("-", 1)[-1].isdigit()]
+        for old in done[:-cfg["keep_checkpoints"]] if cfg["keep_checkpoints"] > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
+
+
+def load_optimizer(scorer, optimizer, ckpt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = {"optim": get_optimizer_state_dict(scorer, optimizer)}
+        dcp.load(state, checkpoint_id=os.path.join(ckpt, "optim"))
+    set_optimizer_state_dict(scorer, optimizer, state["optim"])
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def get_lr(step, cfg, total):
+    """Linear warmup over warmup_iters, then cosine from learning_rate to learning_rate * min_lr_ratio at `total`."""
+    lr, warm = cfg["learning_rate"], cfg["warmup_iters"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return lr * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+METRICS = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "nll")
+
+
+def reduce_sums(sums, world, device):
+    """Sum metric dicts over ranks in one all-reduce; -> {name: float}."""
+    keys = sorted(sums)
+    t = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
+    if world > 1:
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+@torch.no_grad()
+def evaluate(scorer, ref_scorer, dataset, ref_logps, cfg, device, autocast, rank, world, pad_id):
+    """Loss and reward metrics over the held-out pairs, plus accuracy per category."""
+    batches = rank_batches(list(range(len(dataset))), cfg["batch_size"], rank, world)
+    loader = make_loader(dataset, [b for b, _ in batches], cfg["decode_workers"], pad_id, ref_logps)
+    scorer.eval()
+    sums, by_category = {}, {}
+    for (_, real), batch in zip(batches, loader):
+        with autocast:
+            *policy, nc, nr = pair_logps(scorer, batch, device)
+            ref = batch["ref"].to(device).unbind(1) if ref_scorer is None else pair_logps(ref_scorer, batch, device)[:2]
+        weights = batch["weights"].to(device) * real
+        _, s, correct = batch_loss(policy, ref, (nc, nr), weights, cfg)
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + v
+        for cat, ok, w in zip(batch["categories"], correct.tolist(), weights.tolist()):
+            if w:
+                by_category.setdefault(cat, [0.0, 0])
+                by_category[cat] = [by_category[cat][0] + ok, by_category[cat][1] + 1]
+    scorer.train()
+    total = reduce_sums(sums, world, device) if sums else {}
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, by_category)
+        by_category = {}
+        for part in gathered:
+            for cat, (ok, n) in part.items():
+                prev = by_category.get(cat, [0.0, 0])
+                by_category[cat] = [prev[0] + ok, prev[1] + n]
+    n = max(total.get("pairs", 0.0), 1.0)
+    out = {f"eval_{k}": total.get(k, 0.0) / n for k in METRICS}
+    out["eval_pairs"] = int(total.get("pairs", 0))
+    out["eval_accuracy_by_category"] = {c: ok / n for c, (ok, n) in sorted(by_category.items())}
+    return out
+
+
+def train_batches(n, total, start, cfg, world, rank):
+    """Index lists of this rank's micro-batches for steps start..total-1. Step s of epoch e = s // steps_per_epoch
+    takes the next global batch (world * batch_size * accumulation pairs) of a permutation seeded by (seed, e), so
+    the data position is the step itself and a resume neither skips nor repeats a pair."""
+    B, accum = cfg["batch_size"], cfg["gradient_accumulation_steps"]
+    global_batch = world * B * accum
+    per_epoch = n // global_batch
+    out, orders = [], {}
+    for s in range(start, total):
+        epoch, within = divmod(s, per_epoch)
+        if epoch not in orders:
+            orders = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] + epoch)).tolist()}
+        for m in range(accum):
+            begin = within * global_batch + (m * world + rank) * B
+            out.append(orders[epoch][begin:begin + B])
+    return out
+
+
+def train(cfg):
+    """The whole run for one process (under torchrun: one rank). Returns a summary dict."""
+    from configurator import save_config
+    from tokenizer import Tokenizer
+    if cfg["loss_type"] not in ("sigmoid", "ipo") or cfg["ref"] not in ("precompute", "live"):
+        raise ValueError(f"loss_type must be sigmoid or ipo and ref precompute or live; got {cfg['loss_type']!r}, "
+                         f"{cfg['ref']!r}")
+    rank, world, device = setup_distributed(cfg["device"])
+    master, out_dir = rank == 0, cfg["out_dir"]
+    final_dir = os.path.join(out_dir, "final")
+    if os.path.isfile(os.path.join(final_dir, "config.json")):
+        print(f"{final_dir} exists: this run is finished (delete it, or use another out_dir, to train again)")
+        return dict(status="finished")
+    os.makedirs(out_dir, exist_ok=True)
+    if master:
+        save_config(cfg, os.path.join(out_dir, "config.json"))
+    torch.manual_seed(cfg["seed"] + rank)
+    ckpt = latest_checkpoint(out_dir)
+    tok = Tokenizer.from_pretrained(cfg["init_from"])
+    scorer = build_scorer(ckpt or cfg["init_from"], cfg, device, trainable=True)
+    vlm = scorer.vlm
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and not cfg["fsdp"] \
+        else contextlib.nullcontext()  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
+
+    # ---- data: validate everything before any step
+    root = cfg["video_root"] or os.path.dirname(os.path.abspath(cfg["pairs"]))
+    family, n_video = vlm.config.family, vlm.num_video_tokens(cfg["num_frames"])
+    items, report = validate_pairs(cfg["pairs"], tok, family, n_video, cfg["max_len"], root, cfg["strict"])
+    if master:
+        print(f"pairs: {report['kept']} kept ({report['truncated']} with truncated responses), dropped "
+              f"{ {k: v for k, v in report['dropped'].items() if v} }")
+        with open(os.path.join(out_dir, "validation.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    n_eval = cfg["eval_pairs"]
+    train_items, eval_items = items[:len(items) - n_eval], items[len(items) - n_eval:] if n_eval else []
+    global_batch = world * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+    if len(train_items) < global_batch:
+        raise ValueError(f"{len(train_items)} training pairs are fewer than one global batch of {global_batch} "
+                         f"(world x batch_size x gradient_accumulation_steps); lower those or add pairs")
+    total = cfg["max_iters"] or cfg["epochs"] * (len(train_items) // global_batch)
+    pad_id = tok.pad_id if tok.pad_id not in (None, vlm.config.video_token_id) else 0
+    frames = functools.partial(PairFrames, num_frames=cfg["num_frames"], family=family,
+                               image_size=vlm.config.vision.image_size)
+
+    # ---- reference log-probs
+    ref_scorer, ref_logps = None, None
+    if cfg["ref"] == "live":
+        ref_scorer = build_scorer(cfg["init_from"], cfg, device, trainable=False)
+    elif ckpt is None:
+        ref_logps = precompute_ref(scorer, frames(items), cfg, device, autocast, rank, world, pad_id)
+    else:
+        ref_logps = load_ref(out_dir)
+        missing = [it["id"] for it in items if it["id"] not in ref_logps]
+        if missing:
+            raise ValueError(f"{len(missing)} pairs (e.g. {missing[:3]}) have no reference log-probs in {out_dir} "
+                             f"but training already started there; restore them or start in a fresh out_dir")
+
+    # ---- wrap, optimizer, resume
+    if world > 1 and not cfg["fsdp"]:
+        scorer = nn.parallel.DistributedDataParallel(scorer, device_ids=[device] if device.type == "cuda" else None)
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg["weight_decay"]),
+              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg["learning_rate"], fused=device.type == "cuda")
+    start = 0
+    if ckpt:
+        load_optimizer(scorer, optimizer, ckpt)
+        with open(os.path.join(ckpt, "train_state.json")) as f:
+            state = json.load(f)
+        if state["global_batch"] != global_batch:
+            raise ValueError(f"{ckpt} was trained with a global batch of {state['global_batch']} pairs, this run has "
+                             f"{global_batch}; resume with the same world x batch_size x gradient_accumulation_steps")
+        start = state["step"]
+        rng = torch.load(os.path.join(ckpt, f"rng-rank{rank}.pt"), weights_only=True) \
+            if os.path.isfile(os.path.join(ckpt, f"rng-rank{rank}.pt")) else None
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"])
+        if master:
+            print(f"resuming from {ckpt} at step {start}")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if master:  # drop what was logged after the checkpoint we resume from: it is about to be redone
+        kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start] if ckpt and os.path.isfile(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+    wandb = None
+    if master and cfg["wandb_log"]:
+        import wandb
+        from configurator import masked
+        wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=masked(cfg))
+
+    def log(record):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb is not None:
+                wandb.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=record["step"])
+
+    def run_eval(step):
+        out = evaluate(scorer, ref_scorer, frames(eval_items), ref_logps, cfg, device, autocast, rank, world, pad_id)
+        if master:
+            print(f"eval step {step}: loss {out['eval_loss']:.4f}, accuracy {out['eval_rewards_accuracy']:.3f}, "
+                  f"margin {out['eval_rewards_margin']:.4f}, by category {out['eval_accuracy_by_category']}")
+        log(dict(step=step, **out))
+        return out
+
+    # ---- the loop
+    batches = train_batches(len(train_items), total, start, cfg, world, rank)
+    loader = iter(make_loader(frames(train_items), batches, cfg["decode_workers"], pad_id, ref_logps,
+                              pin=device.type == "cuda"))
+    stop = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1)) if is_main_thread() else None
+    accum, last, errors_path = cfg["gradient_accumulation_steps"], {}, os.path.join(out_dir, f"errors.r{rank}.jsonl")
+    try:
+        for step in range(start, total):
+            lr = get_lr(step, cfg, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0, sums, ids = time.time(), {}, []
+            for m in range(accum):
+                batch = next(loader)
+                ids += batch["ids"]
+                if batch["errors"]:
+                    with open(errors_path, "a") as f:
+                        f.writelines(json.dumps(dict(step=step + 1, **e)) + "\n" for e in batch["errors"])
+                sync = m == accum - 1  # all-reduce / reduce-scatter gradients only on the last micro step
+                if cfg["fsdp"]:
+                    scorer.set_requires_gradient_sync(sync)
+                no_sync = scorer.no_sync() if world > 1 and not cfg["fsdp"] and not sync else contextlib.nullcontext()
+                with no_sync:
+                    with autocast:
+                        *policy, nc, nr = pair_logps(scorer, batch, device)
+                        if ref_scorer is not None:
+                            with torch.no_grad():
+                                ref = pair_logps(ref_scorer, batch, device)[:2]
+                        else:
+                            ref = batch["ref"].to(device).unbind(1)
+                    loss, s, _ = batch_loss(policy, ref, (nc, nr), batch["weights"].to(device), cfg)
+                    (loss / accum).backward()
+                for k, v in s.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            sums["stop"] = float(bool(stop))
+            mine_finite = math.isfinite(float(sums["loss"]))
+            total_sums = reduce_sums(sums, world, device)
+            if not math.isfinite(total_sums["loss"]):
+                where = f"pairs {ids} on rank {rank}" if not mine_finite else "pairs on another rank"
+                raise FloatingPointError(f"non-finite loss at step {step + 1} ({where}); no update was applied. "
+                                         f"Lower learning_rate or drop those pairs, and resume from the last checkpoint")
+            grad_norm = float(nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else 1e30))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt, done = time.time() - t0, step + 1
+            n = max(total_sums["pairs"], 1.0)
+            last = dict(step=done, **{k: total_sums[k] / n for k in METRICS}, lr=lr, grad_norm=grad_norm,
+                        pairs_per_s=global_batch / dt)
+            if done % cfg["log_interval"] == 0 or done == total:
+                log(last)
+                if master:
+                    print(f"step {done}/{total} | loss {last['loss']:.4f} | acc {last['rewards_accuracy']:.2f} | "
+                          f"margin {last['rewards_margin']:.4f} | chosen {last['rewards_chosen']:.4f} | rejected "
+                          f"{last['rewards_rejected']:.4f} | lr {lr:.2e} | {last['pairs_per_s']:.2f} pairs/s")
+            if cfg["eval_interval"] and done % cfg["eval_interval"] == 0 and eval_items and done < total:
+                run_eval(done)
+            if total_sums["stop"] or (cfg["save_interval"] and done % cfg["save_interval"] == 0 and done < total):
+                save_checkpoint(scorer, optimizer, dict(step=done, pairs_seen=done * global_batch,
+                                                        global_batch=global_batch, world_size=world), cfg, rank, world)
+                if total_sums["stop"]:
+                    if master:
+                        print(f"SIGTERM: saved ckpt-{done} and stopped; rerun the same command to resume")
+                    return dict(status="preempted", step=done, metrics=last)
+        if world > 1 and not cfg["fsdp"]:
+            check_replicas(params, world, master)
+        final_eval = run_eval(total) if eval_items else {}
+        export_hf(scorer, final_dir, cfg, rank)
+        barrier(world)
+        if master:
+            print(f"done: {final_dir}")
+        return dict(status="done", step=total, metrics=last, eval=final_eval)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def check_replicas(params, world, master):
+    """DDP keeps one model per rank; prove the copies agree (max and min of per-tensor fp64 sums over ranks)."""
+    sums = torch.stack([p.detach().double().sum() for p in params] + [p.detach().double().abs().sum() for p in params])
+    high, low = sums.clone(), sums.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if not torch.equal(high, low):
+        raise RuntimeError("DDP replicas diverged: parameters differ across ranks")
+    if master:
+        print(f"weights identical on {world} ranks")
+
+
+def is_main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+# -----------------------------------------------------------------------------
+# benchmark: python dpo.py config/tiny.py --bench=True [--num_frames=32 --batch_size=4]
+
+
+def saved_bytes(fn, exclude=()):
+    """Run fn() and return (its result, bytes of the tensors autograd saved for backward, each storage once, those of
+    `exclude` (inputs that exist anyway) left out): the activation memory fn adds."""
+    total, seen = [0], {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+def run_bench(cfg, rounds=5):
+    """Same pairs, same process, interleaved best-of-rounds: (1) fwd+bwd of a DPO micro step with prefix sharing vs
+    the prompt duplicated (the prefix is 90% of each [prompt | response] sequence); (2) activation memory of the
+    response head, fused_logprobs on gathered rows vs naive full logits; (3) ref=precompute vs a live reference."""
+    from tokenizer import Tokenizer, chat_prompt
+    torch.manual_seed(cfg["seed"])
+    _, _, device = setup_distributed(cfg["device"])
+    cfg = {**cfg, "fsdp": False}
+    scorer = build_scorer(cfg["init_from"], cfg, device, trainable=True)
+    ref_scorer = build_scorer(cfg["init_from"], cfg, device, trainable=False)
+    vlm, tok = scorer.vlm, Tokenizer.from_pretrained(cfg["init_from"])
+    c = vlm.config
+    prompt = chat_prompt(c.family, [{"role": "user", "content": [{"type": "video"},
+                                                                {"type": "text", "text": "What happens here?"}]}])
+    prompt_ids = tok.encode_prompt(prompt, vlm.num_video_tokens(cfg["num_frames"]))
+    L = max(1, round(len(prompt_ids) / 9))  # prefix = 90% of prompt + response
+    low = min(tok.special.values())  # ordinary (non-special) ids are below the added tokens
+    B = cfg["batch_size"]
+    items = [dict(id=str(b), category="", prompt_ids=prompt_ids, chosen_ids=torch.randint(0, low, (L,)).tolist(),
+                  rejected_ids=torch.randint(0, low, (L,)).tolist(),
+                  pixels=torch.randn(cfg["num_frames"], 3, c.vision.image_size, c.vision.image_size)) for b in range(B)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" \
+        else contextlib.nullcontext()
+    batches = {share: collate(items, share) for share in (True, False)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(share, live):
+        batch = batches[share]
+        with autocast:
+            pc, pr, _, _ = pair_logps(scorer, batch, device)
+            if live:
+                with torch.no_grad():
+                    rc, rr = pair_logps(ref_scorer, batch, device)[:2]
+            else:
+                rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
+        dpo_loss(pc, pr, rc, rr, cfg["beta"])["losses"].mean().backward()
+        scorer.zero_grad(set_to_none=True)
+        sync()
+
+    runs = {"prefix shared, ref precomputed": (True, False), "prompt duplicated, ref precomputed": (False, False),
+            "prefix shared, ref live": (True, True)}
+    best = dict.fromkeys(runs, float("inf"))
+    for args in runs.values():
+        step(*args)  # warm-up
+    for _ in range(rounds):
+        for name, args in runs.items():
+            t0 = time.perf_counter()
+            step(*args)
+            best[name] = min(best[name], time.perf_counter() - t0)
+
+    # response head activation memory: from the same hidden states, fused on gathered rows vs full logits
+    t = {k: v.to(device) for k, v in batches[True].items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        hidden = vlm(t["input_ids"], t["pixels"], t["position_ids"], t["layout"], return_hidden=True)
+    hidden.requires_grad_()
+    w = vlm.lm_head_weight
+    _, fused_bytes = saved_bytes(lambda: fused_logprobs(hidden.flatten(0, 1)[t["gather"]], w, t["targets"]),
+                                 exclude=(hidden, w))
+    _, naive_bytes = saved_bytes(lambda: torch.log_softmax(F.linear(hidden, w).float(), -1).flatten(0, 1)[
+        t["gather"], t["targets"]], exclude=(hidden, w))
+    base = best["prefix shared, ref precomputed"]
+    result = dict(prefix_sharing_speedup=best["prompt duplicated, ref precomputed"] / base,
+                  ref_precompute_speedup=best["prefix shared, ref live"] / base,
+                  fused_logprobs_memory_ratio=fused_bytes / naive_bytes,
+                  head_saved_bytes=dict(fused=fused_bytes, naive=naive_bytes),
+                  step_seconds=best, pairs=B, prompt_tokens=len(prompt_ids), response_tokens=L,
+                  vocab=c.text.vocab_size, hidden=c.text.hidden_size, device=str(device), rounds=rounds)
+    print(f"DPO micro step fwd+bwd, {B} pairs, prompt {len(prompt_ids)} tokens (video {cfg['num_frames']} frames), "
+          f"responses {L}, {device}, best of {rounds}:")
+    for name, s in best.items():
+        print(f"  {name:36s} {s * 1e3:8.1f} ms  {B / s:7.2f} pairs/s  ({s / base:.2f}x)")
+    print(f"  response head activations: fused {fused_bytes / 2**10:.0f} KiB vs naive logits "
+          f"{naive_bytes / 2**10:.0f} KiB ({result['fused_logprobs_memory_ratio']:.3f}x) at V={c.text.vocab_size}")
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    with open(os.path.join(cfg["out_dir"], "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    from configurator import configure, print_config
+    config = configure(DEFAULTS, sys.argv[1:])
+    if int(os.environ.get("RANK", 0)) == 0:
+        print_config(config)
+    try:
+        (run_bench if config["bench"] else train)(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

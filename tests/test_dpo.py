@@ -1,0 +1,292 @@
+"""
+dpo.py on CPU with the tiny random checkpoint (tests/tiny.py) and real H.264 videos (tests/media.py):
+the loss and its gradients against the textbook formulas; the packed layout; validation; prefix-shared log-probs
+against the plain model on separate sequences; a short overfit run; precomputed vs live reference; kill -9 and
+resume; torchrun with 2 gloo processes against one process; a non-finite loss stopping the run.
+
+    .venv/bin/python -m pytest -q tests/test_dpo.py
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dpo
+from media import write_video
+from model import VLM
+from tokenizer import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFUSE = "I can't help with that, but here is some safety information."
+COMPLY = "A person walks into a kitchen and picks up a knife from the counter."
+
+
+# -----------------------------------------------------------------------------
+# fixtures: one tiny checkpoint, three videos, a pairs file
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tests.tiny import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp("dpo")
+    ckpt = make_tiny_checkpoint(root / "ckpt")
+    os.makedirs(root / "videos")
+    for k in range(3):
+        write_video(root / "videos" / f"v{k}.mp4", num_frames=6 + 2 * k)
+    records = []
+    for k in range(6):  # refuse-with-help is preferred over compliance; prompts and lengths vary
+        chosen, rejected = (REFUSE, COMPLY) if k % 2 == 0 else (REFUSE + " Stay safe.", COMPLY[:40] + ".")
+        records.append(dict(id=f"p{k}", video=f"v{k % 3}.mp4", prompt=["What happens?", "Describe the video."][k % 2],
+                            chosen=chosen, rejected=rejected, category=["weapons", "violence"][k % 2],
+                            subcategory="x", rule="r", style="explicit", query_type="harmful"))
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return dict(root=root, ckpt=ckpt, pairs=str(pairs), videos=str(root / "videos"))
+
+
+def config(data, out, **over):
+    cfg = dict(dpo.DEFAULTS, init_from=data["ckpt"], pairs=data["pairs"], video_root=data["videos"], out_dir=str(out),
+               num_frames=2, max_len=256, decode_workers=0, device="cpu", dtype="float32", batch_size=2,
+               gradient_accumulation_steps=1, max_iters=4, learning_rate=1e-3, beta=0.1, grad_clip=1.0, seed=0)
+    cfg.update(over)
+    return cfg
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+
+# -----------------------------------------------------------------------------
+# loss: the textbook formulas on fixed log-probs, written here with math on Python floats
+
+
+def test_dpo_loss_matches_textbook():
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(5, generator=g, dtype=torch.float64) * 3 - 20 for _ in range(4))
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    for loss_type, eps, beta in [("sigmoid", 0.0, 0.1), ("sigmoid", 0.2, 0.5), ("ipo", 0.0, 0.3)]:
+        args = [t.clone().requires_grad_() for t in (pc, pr, rc, rr)]
+        out = dpo.dpo_loss(*args, beta=beta, loss_type=loss_type, label_smoothing=eps)
+        out["losses"].sum().backward()
+        for i in range(5):
+            h = (pc[i] - pr[i] - rc[i] + rr[i]).item()
+            if loss_type == "sigmoid":
+                want = -(1 - eps) * math.log(sig(beta * h)) - eps * math.log(sig(-beta * h))
+                dh = -(1 - eps) * beta * (1 - sig(beta * h)) + eps * beta * sig(beta * h)  # d loss / d h
+            else:
+                want, dh = (h - 1 / (2 * beta)) ** 2, 2 * (h - 1 / (2 * beta))
+            assert abs(out["losses"][i].item() - want) < 1e-12, (loss_type, i)
+            for arg, sign in zip(args, (1, -1, -1, 1)):  # h = pc - pr - rc + rr
+                assert abs(arg.grad[i].item() - sign * dh) < 1e-12, (loss_type, i)
+            assert abs(out["rewards_chosen"][i].item() - beta * (pc[i] - rc[i]).item()) < 1e-12
+            assert out["rewards_accuracy"][i].item() == float(beta * (pc[i] - rc[i]) > beta * (pr[i] - rr[i]))
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo.dpo_loss(pc, pr, rc, rr, 0.1, "hinge")
+
+# -----------------------------------------------------------------------------
+# packing and validation: pure functions over token ids
+
+
+def test_pack_pairs_layout():
+    items = [dict(prompt_ids=[1, 2, 3], chosen_ids=[4, 5], rejected_ids=[6, 7, 8]),
+             dict(prompt_ids=[9, 10], chosen_ids=[11], rejected_ids=[12])]
+    b = dpo.pack_pairs(items, share_prefix=True, pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 0, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 2, 0, 0, 0, 0]]
+    assert b["layout"].tolist() == [[3, 2, 3], [2, 1, 1]]
+    T = 8  # chosen from positions 2,3; rejected from 2 (last prompt token), then 5, 6; pair 1: 1 and 1
+    assert b["gather"].tolist() == [2, 3, 2, 5, 6, T + 1, T + 1]
+    assert b["targets"].tolist() == [4, 5, 6, 7, 8, 11, 12]
+    assert b["segment"].tolist() == [0, 0, 1, 1, 1, 2, 3]
+    d = dpo.pack_pairs(items, share_prefix=False, pad_id=0)
+    assert d["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [1, 2, 3, 6, 7, 8], [9, 10, 11, 0, 0, 0],
+                                       [9, 10, 12, 0, 0, 0]]
+    assert d["layout"].tolist() == [[5, 0, 0], [6, 0, 0], [3, 0, 0], [3, 0, 0]]
+    assert d["gather"].tolist() == [2, 3, 6 + 2, 6 + 3, 6 + 4, 12 + 1, 18 + 1]
+    assert d["targets"].tolist() == b["targets"].tolist() and d["segment"].tolist() == b["segment"].tolist()
+
+
+def test_truncate_responses():
+    assert dpo.truncate_responses(10, [1] * 3, [2] * 4, 20) == ([1] * 3, [2] * 4, False)
+    assert dpo.truncate_responses(10, [1] * 3, [2] * 9, 20) == ([1] * 3, [2] * 7, True)  # the long one is cut
+    assert dpo.truncate_responses(10, [1] * 9, [2] * 9, 20) == ([1] * 5, [2] * 5, True)
+    assert dpo.truncate_responses(19, [1], [2], 20) is None  # the video prefix never gets cut
+
+
+def test_validate_pairs_counts_and_strict(data, tmp_path):
+    tok = Tokenizer.from_pretrained(data["ckpt"])
+    good = dict(id="g", video="v0.mp4", prompt="What happens?", chosen=REFUSE, rejected=COMPLY, category="c")
+    lines = [json.dumps(good), json.dumps(good), "{not json",
+             json.dumps({**good, "id": "a", "chosen": "  "}),
+             json.dumps({**good, "id": "b", "rejected": REFUSE + " "}),
+             json.dumps({**good, "id": "c", "video": "nope.mp4"}),
+             json.dumps({**good, "id": "d", "prompt": "<video> again"}),
+             json.dumps({**good, "id": "e", "chosen": "\ud800"}),
+             json.dumps({k: v for k, v in good.items() if k != "rejected"} | {"id": "f"}),
+             json.dumps({**good, "id": "h", "chosen": COMPLY * 20}),
+             json.dumps({**good, "id": "t", "chosen": COMPLY * 3})]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    n_video = 900
+    items, _ = dpo.validate_pairs(str(path), tok, "llava_onevision", n_video, 10**6, data["videos"])
+    g = items[0]  # max_len: exactly what pair g needs, so h and t (longer chosen) get cut
+    max_len = len(g["prompt_ids"]) + len(g["chosen_ids"]) + len(g["rejected_ids"])
+    items, report = dpo.validate_pairs(str(path), tok, "llava_onevision", n_video, max_len, data["videos"])
+    assert [it["id"] for it in items] == ["g", "h", "t"]
+    assert report["dropped"] == dict(bad_json=1, missing_field=1, duplicate_id=1, invalid_text=2, empty_response=1,
+                                     identical_responses=1, missing_video=1, over_length=0)
+    assert report["truncated"] == 2
+    for it in items:  # the video is whole, the responses fit, chosen ends with <|im_end|> unless cut
+        assert it["prompt_ids"].count(tok.video_token_id) == n_video
+        assert len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) <= max_len
+    assert items[0]["chosen_ids"][-1] == tok.eos_id and items[0]["rejected_ids"][-1] == tok.eos_id
+    _, report = dpo.validate_pairs(str(path), tok, "llava_onevision", n_video + 100, max_len, data["videos"])
+    assert report["dropped"]["over_length"] == 4  # g, its repeat (no longer a duplicate of a kept pair), h, t
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: invalid pair \(duplicate_id\)"):
+        dpo.validate_pairs(str(path), tok, "llava_onevision", n_video, max_len, data["videos"], strict=True)
+
+# -----------------------------------------------------------------------------
+# prefix sharing is exact: one packed sequence == two separate sequences through the plain model
+
+
+def separate_logps(model, item, pixels):
+    """Sum of log p(response) for [prompt | response], each run alone through model(...) -> full logits."""
+    out = []
+    for resp in (item["chosen_ids"], item["rejected_ids"]):
+        ids = torch.tensor([item["prompt_ids"] + resp])
+        logp = torch.log_softmax(model(ids, pixels[None]).double(), -1)[0]  # (T, V)
+        P = len(item["prompt_ids"])
+        out.append(sum(logp[P - 1 + k, t].item() for k, t in enumerate(resp)))
+    return out
+
+
+def test_prefix_sharing_equals_separate_sequences(data):
+    tok = Tokenizer.from_pretrained(data["ckpt"])
+    model = VLM.from_pretrained(data["ckpt"])
+    items, _ = dpo.validate_pairs(data["pairs"], tok, "llava_onevision", model.num_video_tokens(2), 256,
+                                  data["videos"])
+    ds = dpo.PairFrames(items[:3], 2, "llava_onevision", model.config.vision.image_size)
+    batch_items = [ds[i] for i in range(3)]  # different prompt and response lengths: padding is exercised
+    scorer = dpo.PairScorer(model)
+    with torch.no_grad():
+        shared = dpo.pair_logps(scorer, dpo.collate(batch_items, True, tok.pad_id), "cpu")
+        duplicated = dpo.pair_logps(scorer, dpo.collate(batch_items, False, tok.pad_id), "cpu")
+        for b, it in enumerate(batch_items):
+            want = separate_logps(model, it, it["pixels"])
+            for got in (shared, duplicated):
+                for branch in (0, 1):
+                    assert abs(got[branch][b].item() - want[branch]) <= 1e-5 * max(1.0, abs(want[branch])), \
+                        (b, branch, got[branch][b].item(), want[branch])
+            assert shared[2][b] == len(it["chosen_ids"]) and shared[3][b] == len(it["rejected_ids"])
+
+# -----------------------------------------------------------------------------
+# training runs
+
+
+def test_overfit_and_precomputed_reference_equals_live(data, tmp_path):
+    cfg = config(data, tmp_path / "run", max_iters=12, batch_size=3, decode_workers=1, eval_pairs=0,
+                 learning_rate=2e-4, min_lr_ratio=1.0)
+    summary = dpo.train(cfg)
+    assert summary["status"] == "done"
+    m = metrics(cfg["out_dir"])
+    assert [r["step"] for r in m] == list(range(1, 13))
+    assert m[0]["rewards_accuracy"] <= 0.5 + 1e-9 and abs(m[0]["rewards_margin"]) < 1e-6  # policy == reference
+    assert sum(r["rewards_accuracy"] for r in m[-3:]) / 3 >= 0.9, [r["rewards_accuracy"] for r in m]
+    assert m[-1]["loss"] < 0.5 * m[0]["loss"], [r["loss"] for r in m]
+    final = VLM.from_pretrained(os.path.join(cfg["out_dir"], "final"))  # an HF dir with the tokenizer files
+    assert os.path.isfile(os.path.join(cfg["out_dir"], "final", "tokenizer.json"))
+    assert final.config.family == "llava_onevision"
+    # the stored reference equals the initial model scored live; the live-reference run logs the same losses
+    stored = dpo.load_ref(cfg["out_dir"])
+    live = dpo.train(config(data, tmp_path / "live", max_iters=3, batch_size=3, ref="live", learning_rate=2e-4,
+                         min_lr_ratio=1.0))
+    tok = Tokenizer.from_pretrained(data["ckpt"])
+    model = VLM.from_pretrained(data["ckpt"])
+    items, _ = dpo.validate_pairs(data["pairs"], tok, "llava_onevision", model.num_video_tokens(2), 256,
+                                  data["videos"])
+    ds = dpo.PairFrames(items, 2, "llava_onevision", model.config.vision.image_size)
+    with torch.no_grad():
+        c, r, _, _ = dpo.pair_logps(dpo.PairScorer(model), dpo.collate([ds[i] for i in range(6)], True, 0), "cpu")
+    for it, ci, ri in zip(items, c.tolist(), r.tolist()):
+        assert abs(stored[it["id"]][0] - ci) < 1e-4 and abs(stored[it["id"]][1] - ri) < 1e-4
+    for a, b in zip(m[:3], metrics(tmp_path / "live")):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["rewards_margin"] - b["rewards_margin"]) < 1e-5
+    assert live["status"] == "done"
+
+
+def run_script(args, **kw):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "dpo.py"), *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def cli(cfg):
+    return [f"--{k}={v}" for k, v in cfg.items() if k in ("init_from", "pairs", "video_root", "out_dir", "num_frames",
+                                                          "max_len", "decode_workers", "device", "dtype", "batch_size",
+                                                          "max_iters", "learning_rate", "save_interval", "seed",
+                                                          "gradient_accumulation_steps", "keep_checkpoints")]
+
+
+def final_state(out):
+    return VLM.from_pretrained(os.path.join(out, "final")).state_dict()
+
+
+def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
+    base = config(data, tmp_path / "straight", max_iters=10, batch_size=2, gradient_accumulation_steps=2,
+                  save_interval=2, keep_checkpoints=20)
+    dpo.train(base)
+    cfg = dict(base, out_dir=str(tmp_path / "killed"))
+    proc = run_script(cli(cfg))
+    marker = os.path.join(cfg["out_dir"], "ckpt-2", "train_state.json")
+    deadline = time.time() + 120
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    log = proc.communicate()[0]
+    assert os.path.exists(marker), log
+    assert not os.path.isdir(os.path.join(cfg["out_dir"], "final")), "the run finished before the kill"
+    proc = run_script(cli(cfg))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "resuming from" in log, log
+    a, b = metrics(base["out_dir"]), metrics(cfg["out_dir"])
+    assert [r["step"] for r in b] == list(range(1, 11))  # every step logged once: nothing redone twice, none skipped
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["rewards_margin"] - y["rewards_margin"]) < 1e-6, (x, y)
+    sa, sb = final_state(base["out_dir"]), final_state(cfg["out_dir"])
+    assert all(torch.allclose(sa[k], sb[k], rtol=0, atol=1e-6) for k in sa)
+
+
+def test_torchrun_two_gloo_processes_match_one(data, tmp_path):
+    one = config(data, tmp_path / "one", max_iters=3, batch_size=2)
+    dpo.train(one)
+    two = dict(one, out_dir=str(tmp_path / "two"), batch_size=1)  # 2 ranks x 1 pair = the same global batch
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                           os.path.join(REPO, "dpo.py"), *cli(two)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "weights identical on 2 ranks" in proc.stdout
+    for x, y in zip(metrics(one["out_dir"]), metrics(two["out_dir"]), strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards_margin"] - y["rewards_margin"]) < 1e-5, (x, y)
+    sa, sb = final_state(one["out_dir"]), final_state(two["out_dir"])
+    worst = max((sa[k] - sb[k]).abs().max().item() for k in sa)
+    assert worst < 1e-5, worst
+
+
+def test_non_finite_loss_names_step_and_pairs(data, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+    bad = tmp_path / "bad_ckpt"
+    shutil.copytree(data["ckpt"], bad)
+    state = load_file(bad / "model.safetensors")
+    name = next(k for k in state if "layers.0.mlp.down_proj" in k)
+    state[name][0, 0] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(pairs \['p\d', 'p\d'\] on rank 0\)"):
+        dpo.train(config(data, tmp_path / "nan", init_from=str(bad), ref="live"))
+    assert not os.path.isdir(tmp_path / "nan" / "final")
