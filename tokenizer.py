@@ -15,15 +15,18 @@ Why this is exact (reference/hf_checkpoints.md §2.6, checked by tests/test_toke
 - HF matches added tokens (`normalized=false`) on the raw text and normalizes only what lies between them, so we split
   on the added tokens first and apply NFC per segment (NFC over the whole string breaks `<image>` + U+0338).
 
-The Llama SentencePiece-style tokenizer of llava_next_video (Metaspace, byte fallback) is not byte-level and not
-supported yet: `from_pretrained` says so.
+The Llama/Vicuna tokenizer of llava_next_video (Metaspace "▁", byte fallback to <0xNN>, BOS `<s>`) is not byte-level:
+tiktoken's lowest-rank-result rule cannot rebuild "▁" from bytes and confuses <0x61> with "a" (§3.6), so `LlamaBPE`
+implements `tokenizers`' merge rule directly (lowest merge index, leftmost first) and is exact by construction;
+tests/test_tokenizer_llama.py checks it against `tokenizers` and transformers' LlamaTokenizer.
 """
 
+import heapq
 import json
 import os
+import re
 import unicodedata
 
-import re
 import tiktoken
 
 # GPT-2's pre-tokenizer pattern: what a bare `ByteLevel(use_regex=true)` pre-tokenizer splits with.
@@ -50,7 +53,8 @@ def bytes_to_unicode():
 # tokenizer.json -> tiktoken
 
 def _fail(path, what):
-    raise ValueError(f"{path}: {what}; only byte-level BPE tokenizers (Qwen2/GPT-2 style) are supported for now")
+    raise ValueError(f"{path}: {what}; supported are byte-level BPE (Qwen2/GPT-2 style) and SentencePiece-style BPE "
+                     "with byte fallback (Llama/Vicuna: Metaspace, <0xNN> tokens)")
 
 
 def _pattern(path, pre):
@@ -105,12 +109,180 @@ def _byte_level_ranks(path, model, added_ids):
     return ranks
 
 
+# -----------------------------------------------------------------------------
+# Llama / Vicuna SentencePiece-style BPE with byte fallback (reference/hf_checkpoints.md §3.6), merge rule written out
+
+METASPACE = "\u2581"  # "▁", SentencePiece's visible space
+
+
+HEXDIGITS = set("0123456789abcdefABCDEF")
+
+
+def _byte_piece(piece):
+    """"<0x41>" -> 0x41; None for anything else (tokenizers' ByteFallback test: 6 chars, <0x..>, hex)."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and all(c in HEXDIGITS for c in piece[3:5]):
+        return int(piece[3:5], 16)
+    return None
+
+
+class LlamaBPE:
+    """Exact by construction: the merge rule of `tokenizers`' BPE model written out, not emulated with tiktoken.
+
+    Per text segment between added tokens (Metaspace(prepend_scheme="first", split=false), no normalizer):
+    1. " " -> "▁"; the segment at character offset 0 gets one leading "▁" unless it already starts with one.
+    2. The whole segment is one BPE word. Its initial symbols are its characters' ids; a character not in the vocab
+       becomes the ids of its UTF-8 bytes `<0xNN>` (byte fallback).
+    3. Repeatedly merge the adjacent pair with the lowest index in `merges`, leftmost first on ties (a heap of
+       (rank, position), stale entries skipped: O(n log n) however long the segment).
+    Speed without changing the result: a boundary between characters x and y can only be crossed by a merge if
+    some merge *result* contains the bigram "xy". So the segment is cut at "▁" and "\\n" wherever no merge result
+    holds the bigram there (`self._cut`); the chunks (≈ words) are merged independently and cached.
+    """
+
+    def __init__(self, vocab, merges, prepend_scheme="first", ignore_merges=False, added=None):
+        self.vocab = vocab                                  # {piece: id}
+        self.pieces = {i: p for p, i in vocab.items()}      # id -> piece
+        self.pieces.update({i: p for p, i in (added or {}).items()})  # added tokens decode through the same chain
+        self.prepend_scheme, self.ignore_merges = prepend_scheme, ignore_merges
+        self.byte_ids = [vocab[f"<0x{b:02X}>"] for b in range(256)]
+        self.merges = {}                                    # (left id, right id) -> (rank, merged id)
+        bigrams, byte_merge = set(), False
+        fallback = set(self.byte_ids)
+        for rank, (a, b) in enumerate(merges):
+            self.merges[(vocab[a], vocab[b])] = (rank, vocab[a + b])   # a later duplicate wins, as in tokenizers
+            byte_merge |= vocab[a] in fallback or vocab[b] in fallback
+            merged = a + b
+            bigrams.update(merged[k:k + 2] for k in range(len(merged) - 1))
+        self._cut = None
+        if not byte_merge:  # a merge of <0xNN> symbols would join text whose characters are not in the piece strings
+            rules = []
+            for y in (METASPACE, "\n"):
+                before = "".join(re.escape(x) for x in sorted({g[0] for g in bigrams if g[1] == y}))
+                after = "".join(re.escape(z) for z in sorted({g[1] for g in bigrams if g[0] == y}))
+                rules.append((f"(?<![{before}])" if before else "") + f"(?={re.escape(y)})")
+                rules.append(f"(?<={re.escape(y)})" + (f"(?![{after}])" if after else ""))
+            self._cut = re.compile("|".join(rules))
+        self._cache = {}                                    # chunk -> tuple of ids
+
+    def encode(self, segment, at_start):
+        """One segment between added tokens -> ids. `at_start`: the segment begins at offset 0 of the text."""
+        segment = segment.replace(" ", METASPACE)
+        if (self.prepend_scheme == "always" or (self.prepend_scheme == "first" and at_start)) \
+                and not segment.startswith(METASPACE):
+            segment = METASPACE + segment
+        if self.ignore_merges and segment in self.vocab:
+            return [self.vocab[segment]]
+        ids, cache = [], self._cache
+        for chunk in (self._cut.split(segment) if self._cut else [segment]):
+            hit = cache.get(chunk)
+            if hit is None:
+                hit = self._bpe(chunk)
+                if len(chunk) <= 64:  # words repeat; long runs rarely do and would bloat the cache
+                    if len(cache) >= 200_000:
+                        cache.clear()
+                    cache[chunk] = hit
+            ids.extend(hit)
+        return ids
+
+    def _bpe(self, chunk):
+        vocab, merges = self.vocab, self.merges
+        syms = []
+        for c in chunk:
+            i = vocab.get(c)
+            if i is None:
+                syms.extend(self.byte_ids[b] for b in c.encode("utf-8"))
+            else:
+                syms.append(i)
+        n = len(syms)
+        if n < 2:
+            return tuple(syms)
+        nxt = list(range(1, n + 1))                         # linked list over positions; n = end
+        prv = list(range(-1, n - 1))
+        heap = []
+        for k in range(n - 1):
+            m = merges.get((syms[k], syms[k + 1]))
+            if m is not None:
+                heap.append((m[0], k, m[1]))
+        heapq.heapify(heap)
+        while heap:
+            rank, k, new = heapq.heappop(heap)
+            j = nxt[k]
+            if syms[k] is None or j >= n or merges.get((syms[k], syms[j])) != (rank, new):
+                continue                                    # stale: a neighbour merged since this was pushed
+            syms[k], syms[j] = new, None
+            nxt[k] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = k
+            p = prv[k]
+            if p >= 0:
+                m = merges.get((syms[p], new))
+                if m is not None:
+                    heapq.heappush(heap, (m[0], p, m[1]))
+            if nxt[k] < n:
+                m = merges.get((new, syms[nxt[k]]))
+                if m is not None:
+                    heapq.heappush(heap, (m[0], k, m[1]))
+        return tuple(s for s in syms if s is not None)
+
+    def decode(self, ids):
+        """tokenizers' Llama decoder: Replace("▁", " "), ByteFallback (a run of <0xNN> that is not valid UTF-8
+        becomes one U+FFFD per byte), Fuse, Strip one leading space."""
+        out, run = [], bytearray()
+        for i in ids:
+            piece = self.pieces.get(i)
+            if piece is None:  # past the vocabulary: dropped, as tokenizers does
+                continue
+            b = _byte_piece(piece)
+            if b is not None:
+                run.append(b)
+                continue
+            if run:
+                out.append(_utf8_or_replacement(run))
+                run = bytearray()
+            out.append(piece.replace(METASPACE, " "))
+        if run:
+            out.append(_utf8_or_replacement(run))
+        text = "".join(out)
+        return text[1:] if text.startswith(" ") else text
+
+
+def _utf8_or_replacement(run):
+    try:
+        return bytes(run).decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
+
+
+def _llama_bpe(path, spec, added):
+    """tokenizer.json of the Llama family -> LlamaBPE, after checking it is the structure reproduced above."""
+    model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
+    if spec.get("normalizer") is not None:
+        _fail(path, f"a Metaspace tokenizer with normalizer {spec['normalizer'].get('type')!r} (the legacy Llama "
+                    "layout; re-save it with transformers' LlamaTokenizer(legacy=False))")
+    if pre.get("replacement") != METASPACE or pre.get("split") or pre.get("prepend_scheme") not in (
+            "first", "always", "never"):
+        _fail(path, f"Metaspace {pre} is not replacement='▁', split=false, prepend_scheme first/always/never")
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or model.get("dropout") \
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        _fail(path, "the model is not a plain BPE with byte_fallback=true")
+    vocab = model["vocab"]
+    missing = [b for b in range(256) if f"<0x{b:02X}>" not in vocab]
+    if missing:
+        _fail(path, f"byte fallback without the 256 <0xNN> tokens ({len(missing)} missing, e.g. <0x{missing[0]:02X}>)")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    for k, m in enumerate(merges):
+        if len(m) != 2 or m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab:
+            raise ValueError(f"{path}: merge {k} {m} names a piece that is not in the vocab; the file is corrupt")
+    return LlamaBPE(vocab, merges, pre["prepend_scheme"], bool(model.get("ignore_merges")), added)
+
+
 class Tokenizer:
     """encode/decode equal `tokenizers.Tokenizer.from_file(tokenizer.json).encode(text, add_special_tokens=False)`."""
 
     def __init__(self, enc, normalize, special, family=None, eos_id=None, stop_ids=(), pad_id=None,
-                 video_token_id=None, image_token_id=None, skip_ids=None):
-        self.enc = enc                  # tiktoken.Encoding; ranks = token ids
+                 video_token_id=None, image_token_id=None, skip_ids=None, bos_id=None, llama=None):
+        self.enc = enc                  # tiktoken.Encoding (ranks = token ids) for byte-level BPE, else None
+        self.llama = llama              # LlamaBPE for the SentencePiece-style family, else None
         self.normalize = normalize      # "NFC" or None, applied per segment between added tokens
         self.special = special          # {added-token string: id}, all matched in raw text
         self.family = family
@@ -120,7 +292,9 @@ class Tokenizer:
         self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if special else None
         self.eos_id, self.stop_ids, self.pad_id = eos_id, tuple(stop_ids), pad_id
         self.video_token_id, self.image_token_id = video_token_id, image_token_id
-        self.vocab_size = enc.n_vocab   # ids 0 .. vocab_size-1 (embedding tables may have padding rows beyond)
+        self.bos_id = bos_id            # prepended by encode_prompt (Llama's `<s> $A` post-processor), or None
+        # ids 0 .. vocab_size-1 (embedding tables may have padding rows beyond)
+        self.vocab_size = enc.n_vocab if llama is None else max(llama.pieces) + 1
 
     @classmethod
     def from_pretrained(cls, path):
@@ -137,7 +311,8 @@ class Tokenizer:
         with open(file, encoding="utf-8") as f:
             spec = json.load(f)
         normalizer = spec.get("normalizer")
-        if normalizer is not None and normalizer.get("type") != "NFC":
+        metaspace = (spec.get("pre_tokenizer") or {}).get("type") == "Metaspace"
+        if normalizer is not None and normalizer.get("type") != "NFC" and not metaspace:
             _fail(file, f"normalizer {normalizer.get('type')!r} (only NFC or none)")
         added = spec.get("added_tokens", [])
         for t in added:
@@ -145,10 +320,14 @@ class Tokenizer:
                 raise ValueError(f"{file}: added token {t['content']!r} uses normalized/lstrip/rstrip/single_word, "
                                  "which this tokenizer does not reproduce")
         special = {t["content"]: t["id"] for t in added}
-        ranks = _byte_level_ranks(file, spec.get("model", {}), set(special.values()))
-        enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(directory)) or "tokenizer",
-                                pat_str=_pattern(file, spec.get("pre_tokenizer")),
-                                mergeable_ranks=ranks, special_tokens=special)
+        enc = llama = None
+        if metaspace:
+            llama = _llama_bpe(file, spec, special)
+        else:
+            ranks = _byte_level_ranks(file, spec.get("model", {}), set(special.values()))
+            enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(directory)) or "tokenizer",
+                                    pat_str=_pattern(file, spec.get("pre_tokenizer")),
+                                    mergeable_ranks=ranks, special_tokens=special)
 
         def read(name):
             p = os.path.join(directory, name)
@@ -175,7 +354,16 @@ class Tokenizer:
             return special.get(value) if value else None
 
         # ChatML ends a turn with <|im_end|>; that, not the config's eos, is what a chat reply stops on.
+        # Vicuna ends one with </s>.
         eos_id = special.get("<|im_end|>", named(tok_config.get("eos_token")))
+        eos_id = special.get("</s>") if eos_id is None else eos_id
+        # BOS: what `<s> $A` (TemplateProcessing) prepends with add_special_tokens; tokenizer_config's
+        # add_bos_token, when written, overrides it the way transformers' LlamaTokenizer rebuilds its post-processor
+        post = spec.get("post_processor") or {}
+        first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
+        bos_id = special.get(first["SpecialToken"]["id"]) if "SpecialToken" in first else None
+        if "add_bos_token" in tok_config:
+            bos_id = named(tok_config.get("bos_token")) if tok_config["add_bos_token"] else None
         eos = generation.get("eos_token_id", config.get("eos_token_id"))
         stops = [eos_id] + (eos if isinstance(eos, list) else [eos]) + [special.get("<|endoftext|>")]
         stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
@@ -184,7 +372,7 @@ class Tokenizer:
         return cls(enc, "NFC" if normalizer else None, special, family=family, eos_id=eos_id, stop_ids=stop_ids,
                    pad_id=pad_id, video_token_id=token_id("video_token", "<video>"),
                    image_token_id=token_id("image_token", "<image>"),
-                   skip_ids={t["id"] for t in added if t.get("special")})
+                   skip_ids={t["id"] for t in added if t.get("special")}, bos_id=bos_id, llama=llama)
 
     def encode(self, text):
         """text -> ids; added-token strings anywhere in the text become their ids (HF's add_special_tokens=False)."""
@@ -193,6 +381,8 @@ class Tokenizer:
         for k, segment in enumerate(segments):
             if k % 2:  # odd entries are the captured added tokens
                 ids.append(self.special[segment])
+            elif segment and self.llama is not None:
+                ids.extend(self.llama.encode(segment, at_start=k == 0))  # segment 0 starts at offset 0
             elif segment:
                 if self.normalize and not unicodedata.is_normalized(self.normalize, segment):
                     segment = unicodedata.normalize(self.normalize, segment)
@@ -204,14 +394,17 @@ class Tokenizer:
         skip_special drops the added tokens marked special, like HF's skip_special_tokens."""
         if skip_special:
             ids = [i for i in ids if i not in self._skip_ids]
+        if self.llama is not None:
+            return self.llama.decode(ids)
         # ids past the vocabulary (the padded embedding rows a model can still emit) decode to nothing, like tokenizers
         ids = [i for i in ids if 0 <= i <= self.enc.max_token_value]
         return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def encode_prompt(self, text, num_video_tokens):
-        """encode, then repeat each <video> id num_video_tokens times, as the processor lays out input_ids."""
+        """encode, then repeat each <video> id num_video_tokens times, as the processor lays out input_ids; BOS first
+        where the tokenizer adds one (llava_next_video's `<s>`; the processor tokenizes with add_special_tokens)."""
         assert self.video_token_id is not None, "this tokenizer has no <video> token"
-        ids = []
+        ids = [] if self.bos_id is None else [self.bos_id]
         for i in self.encode(text):
             ids.extend([i] * num_video_tokens if i == self.video_token_id else [i])
         return ids
