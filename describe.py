@@ -15,8 +15,8 @@ Outputs (DESIGN.md): `out` gets {id, video, description, num_frames, unique_fram
 appended and flushed per record; failures go to `<out>.errors.jsonl` as {id, video, error, reason}, `reason` one of
 video.REASONS (not_found, empty_file, open_error, no_video_stream, decode_error, truncated, no_frames) or
 decode_timeout (a decode that ran past `decode_timeout` s, its worker killed), decode_crash (the worker died, e.g.
-a segfault in FFmpeg), unexpected_error (any other exception while decoding). Also `<out>.config.json` and
-`<out>.summary.json` (done, skipped, failed by reason, videos/s).
+a segfault in FFmpeg), unexpected_error (any other exception while decoding), empty_description (the model
+stopped at once). Also `<out>.config.json` and `<out>.summary.json` (done, skipped, failed by reason, videos/s).
 
 Frames: `num_frames` uniformly in time (video.read_frames); a clip with fewer frames repeats them, so the model
 always sees `num_frames` and the record counts the distinct ones in `unique_frames`. Frames are scaled down to
@@ -294,48 +294,68 @@ def _worker(conn, decode_fn, decode_args):
 
 
 def decode_inline(items, decode_fn, decode_args):
-    """The baseline: decode in this process, one video after another. Yields (item, message) like decode_stream."""
+    """The baseline: decode in this process, one video after another. Yields (item, message) like DecodePool."""
     for item in items:
         yield item, _decode_one(decode_fn, item["path"], decode_args)
 
 
-def decode_stream(items, decode_fn, decode_args, workers=2, timeout=120.0, capacity=8):
-    """Yield (item, message) in completion order, message ("ok", result) or ("error", reason, text), decoded by
-    `workers` processes fed by a thread of this process, so decoding goes on while the caller generates. At most
-    `capacity` videos are in flight or waiting to be consumed (memory bound). A worker busy past `timeout` seconds
-    is killed and replaced ("decode_timeout"); one that dies ("decode_crash") is replaced too. Close the generator
-    (or exhaust it) to stop the workers."""
-    import multiprocessing
-    import queue
-    # forkserver: workers fork from a clean single-threaded server, not from this process (threads, CUDA, torch
-    # thread pools), and start in milliseconds after the first
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "video"] + ([__name__] if __name__ != "__main__" else []))
-    results, stop = queue.Queue(), threading.Event()
+class DecodePool:
+    """Decode `items` in `workers` background processes, fed by a thread of this process, so decoding goes on while
+    the caller generates (and while it loads the model: work starts at construction). Iterate for (item, message)
+    in completion order, message ("ok", result) or ("error", reason, text). At most `capacity` videos are in flight
+    or waiting to be consumed (memory bound). A worker busy past `timeout` seconds is killed and replaced
+    ("decode_timeout"); one that dies is replaced too ("decode_crash"). close() stops everything."""
 
-    def start():
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, decode_fn, decode_args), daemon=True)
+    def __init__(self, items, decode_fn, decode_args, workers=2, timeout=120.0, capacity=8):
+        import multiprocessing
+        import queue
+        # forkserver: workers fork from a clean single-threaded server, not from this process (threads, CUDA, torch
+        # thread pools), and each starts in milliseconds once the server has imported torch and PyAV
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["__main__", "video"] + ([__name__] if __name__ != "__main__" else []))
+        self.items, self.decode_fn, self.decode_args = items, decode_fn, decode_args
+        self.workers, self.timeout, self.capacity = workers, timeout, capacity
+        self.results, self.stop = queue.Queue(), threading.Event()
+        self.thread = threading.Thread(target=self._manage, name="decode-manager", daemon=True)
+        self.thread.start()
+
+    def __iter__(self):
+        while True:
+            got = self.results.get()
+            if got is None:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+
+    def _start(self):
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker, args=(child, self.decode_fn, self.decode_args), daemon=True)
         proc.start()
         child.close()  # so a dead worker reads as EOF on our end
         return {"proc": proc, "conn": parent, "item": None, "since": 0.0}
 
-    def retire(w, reason, text):
+    def _retire(self, w, reason, text):
+        """Kill worker `w`, record its video as failed with `reason`, return a fresh worker."""
         w["proc"].kill()
         w["proc"].join()
         w["conn"].close()
-        results.put((w["item"], ("error", reason, text)))
-        return start()
+        self.results.put((w["item"], ("error", reason, text)))
+        return self._start()
 
-    def manage():
-        pool = []
+    def _manage(self):
+        pool, results, timeout = [], self.results, self.timeout
         try:
-            pool = [start() for _ in range(workers)]
-            todo, exhausted = iter(items), False
-            while not stop.is_set():
-                for w in pool:  # feed idle workers while the bound allows
+            pool = [self._start() for _ in range(self.workers)]
+            todo, exhausted = iter(self.items), False
+            while not self.stop.is_set():
+                for w in pool:  # feed idle workers while the memory bound allows
                     busy = sum(x["item"] is not None for x in pool)
-                    if w["item"] is None and not exhausted and results.qsize() + busy < capacity:
+                    if w["item"] is None and not exhausted and results.qsize() + busy < self.capacity:
                         w["item"] = next(todo, None)
                         if w["item"] is None:
                             exhausted = True
@@ -346,24 +366,24 @@ def decode_stream(items, decode_fn, decode_args, workers=2, timeout=120.0, capac
                 if exhausted and not busy:
                     break
                 if not busy:
-                    stop.wait(0.01)  # the consumer is behind: wait for it to take results
+                    self.stop.wait(0.01)  # the consumer is behind: wait for it to take results
                     continue
                 wait_s = min(w["since"] for w in busy) + timeout - time.monotonic()
                 ready = set(connection.wait([w["conn"] for w in busy], timeout=min(max(wait_s, 0), 0.05)))
                 for i, w in enumerate(pool):
-                    if w["conn"] in ready:
+                    if w["conn"] in ready:  # a result, or EOF from a worker that died
                         try:
                             message = w["conn"].recv()
                         except (EOFError, OSError):
                             w["proc"].join(5)
-                            pool[i] = retire(w, "decode_crash", f"the decode worker died (exit code "
-                                                                f"{w['proc'].exitcode}) while decoding this video")
+                            pool[i] = self._retire(w, "decode_crash", f"the decode worker died (exit code "
+                                                                      f"{w['proc'].exitcode}) on this video")
                             continue
                         results.put((w["item"], message))
                         w["item"] = None
                     elif w["item"] is not None and time.monotonic() - w["since"] > timeout:
-                        pool[i] = retire(w, "decode_timeout", f"decoding took longer than {timeout:g} s; worker "
-                                                              "killed (raise --decode_timeout if the video is fine)")
+                        pool[i] = self._retire(w, "decode_timeout", f"decoding took longer than {timeout:g} s; "
+                                               "worker killed (raise --decode_timeout if the video is fine)")
             results.put(None)
         except BaseException as e:  # surfaces in the consumer
             results.put(e)
@@ -372,20 +392,6 @@ def decode_stream(items, decode_fn, decode_args, workers=2, timeout=120.0, capac
                 w["proc"].kill()
                 w["proc"].join()
                 w["conn"].close()
-
-    thread = threading.Thread(target=manage, name="decode-manager", daemon=True)
-    thread.start()
-    try:
-        while True:
-            got = results.get()
-            if got is None:
-                return
-            if isinstance(got, BaseException):
-                raise got
-            yield got
-    finally:
-        stop.set()
-        thread.join()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,7 +416,8 @@ def describe_batch(vlm, tok, prompt_ids, pixel_values, max_new_tokens, temperatu
 
 def describe(stream, vlm, tok, prompt_ids, model_name, num_frames, writer, error_writer, batch_size,
              max_new_tokens, temperature=0.0, top_p=1.0, seed=None, bar=None):
-    """Consume `stream` ((item, message) pairs), generate per batch, write records and errors. Returns counts."""
+    """Consume `stream` ((item, message) pairs from DecodePool or decode_inline), generate per batch of `batch_size`
+    decoded videos, write records and errors as they come. Returns counts."""
     counts, batch = Counter(), []
 
     def flush():
@@ -418,9 +425,14 @@ def describe(stream, vlm, tok, prompt_ids, model_name, num_frames, writer, error
         batch_seed = None if seed is None else seed + counts["batches"]
         texts = describe_batch(vlm, tok, prompt_ids, pixel_values, max_new_tokens, temperature, top_p, batch_seed)
         for (item, (_, unique)), text in zip(batch, texts):
+            if not text:  # nothing for the pair generator to read: a failure, retried with --retry_errors
+                error_writer.write({"id": item["id"], "video": item["video"], "reason": "empty_description",
+                                    "error": "the model stopped before writing anything"})
+                counts["failed:empty_description"] += 1
+                continue
             writer.write({"id": item["id"], "video": item["video"], "description": text, "num_frames": num_frames,
                           "unique_frames": int(unique), "model": model_name})
-        counts["done"] += len(batch)
+            counts["done"] += 1
         counts["batches"] += 1
         if bar is not None:
             bar.update(len(batch))
@@ -447,22 +459,14 @@ def describe(stream, vlm, tok, prompt_ids, model_name, num_frames, writer, error
 
 
 def run(config):
-    """Describe every video of config["videos"] not yet done; returns the summary dict (rank 0's, global)."""
+    """Describe every video of config["videos"] not yet done; returns the summary dict (global, on rank 0; None on
+    the other ranks)."""
     import torch.distributed as dist
 
-    from model import VLM
+    from model import VLM, parse_config
     from tokenizer import Tokenizer
     cfg = config
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = cfg["device"]
-    if world > 1:
-        from datetime import timedelta
-        if dev.startswith("cuda"):
-            dev = f"cuda:{local_rank}"
-            torch.cuda.set_device(dev)
-        # ranks meet only at the end, possibly hours apart: a long timeout, not the 30-minute default
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", timeout=timedelta(hours=24))
+    # config errors first, before any work or process group
     if cfg["dtype"] not in DTYPES:
         raise ValueError(f"dtype {cfg['dtype']!r} is not one of {', '.join(DTYPES)}")
     for key in ("num_frames", "batch_size", "max_new_tokens"):
@@ -470,19 +474,27 @@ def run(config):
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg["decode_workers"] < 0 or cfg["decode_timeout"] <= 0:
         raise ValueError("decode_workers must be >= 0 and decode_timeout > 0")
+    if not cfg["model"] or not os.path.isfile(os.path.join(cfg["model"], "config.json")):
+        raise FileNotFoundError(f"model {cfg['model']!r} has no config.json; --model must be a Hugging Face "
+                                "checkpoint directory (config.json, safetensors, tokenizer.json)")
     prompt_text = load_prompt(cfg["prompt"])
     items = find_videos(cfg["videos"], cfg["video_root"], cfg["extensions"])
-    if not cfg["model"] or not os.path.isdir(cfg["model"]):
-        raise FileNotFoundError(f"model {cfg['model']!r} is not a directory; --model must be a Hugging Face "
-                                "checkpoint directory (config.json, safetensors, tokenizer.json)")
-    out_path, err_path = cfg["out"], errors_path(cfg["out"])
-    t0 = time.time()
+    with open(os.path.join(cfg["model"], "config.json")) as f:
+        model_config = parse_config(json.load(f))
     tok = Tokenizer.from_pretrained(cfg["model"])
-    vlm = VLM.from_pretrained(cfg["model"], device=dev, dtype=DTYPES[cfg["dtype"]]).eval()
-    family, image_size = vlm.config.family, vlm.config.vision.image_size
-    prompt_ids = build_prompt(tok, family, prompt_text, vlm.num_video_tokens(cfg["num_frames"]))
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = cfg["device"]
+    if world > 1:
+        from datetime import timedelta
+        if dev.startswith("cuda"):
+            dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+            torch.cuda.set_device(dev)
+        # ranks meet only at the end, possibly hours apart: a long timeout, not the 30-minute default
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", timeout=timedelta(hours=24))
 
     # resume state, then this rank's share: every world-th id of the sorted list
+    out_path, err_path = cfg["out"], errors_path(cfg["out"])
     done_ids, failed_ids = read_ids(out_path), read_ids(err_path)
     skip = done_ids if cfg["retry_errors"] else done_ids | failed_ids
     mine = [it for it in items[rank::world] if it["id"] not in skip]
@@ -493,21 +505,27 @@ def run(config):
     if rank == 0:
         print(f"{len(items)} videos; this rank: {len(mine)} to describe, {skipped} already done or failed; "
               f"{world} rank(s)")
-    decode_args = (cfg["num_frames"], family, image_size, cfg["max_side"])
-    if cfg["decode_workers"] > 0:
-        stream = decode_stream(mine, decode_video, decode_args, cfg["decode_workers"], cfg["decode_timeout"],
-                               capacity=2 * cfg["batch_size"] + cfg["decode_workers"])
+
+    # decoding starts now, so it overlaps loading the model
+    t0 = time.time()
+    decode_args = (cfg["num_frames"], model_config.family, model_config.vision.image_size, cfg["max_side"])
+    if cfg["decode_workers"] > 0 and mine:
+        stream = DecodePool(mine, decode_video, decode_args, cfg["decode_workers"], cfg["decode_timeout"],
+                            capacity=2 * cfg["batch_size"] + cfg["decode_workers"])
     else:
         stream = decode_inline(mine, decode_video, decode_args)
-    bar = None
-    if rank == 0 and cfg["progress"]:
-        from tqdm import tqdm
-        bar = tqdm(total=len(mine), unit="video", desc="describe (rank 0)", dynamic_ncols=True)
-    t1 = time.time()
+    counts, bar, t1 = Counter(), None, time.time()
     try:
-        counts = describe(stream, vlm, tok, prompt_ids, cfg["model"], cfg["num_frames"], writer, error_writer,
-                          cfg["batch_size"], cfg["max_new_tokens"], cfg["temperature"], cfg["top_p"],
-                          cfg["seed"] if cfg["temperature"] > 0 else None, bar)
+        if mine:  # a rerun with nothing left loads no model
+            vlm = VLM.from_pretrained(cfg["model"], device=dev, dtype=DTYPES[cfg["dtype"]]).eval()
+            prompt_ids = build_prompt(tok, model_config.family, prompt_text, vlm.num_video_tokens(cfg["num_frames"]))
+            t1 = time.time()
+            if rank == 0 and cfg["progress"]:
+                from tqdm import tqdm
+                bar = tqdm(total=len(mine), unit="video", desc="describe (rank 0)", dynamic_ncols=True)
+            counts = describe(stream, vlm, tok, prompt_ids, cfg["model"], cfg["num_frames"], writer, error_writer,
+                              cfg["batch_size"], cfg["max_new_tokens"], cfg["temperature"], cfg["top_p"],
+                              cfg["seed"] if cfg["temperature"] > 0 else None, bar)
     finally:
         stream.close()
         writer.close()

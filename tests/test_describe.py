@@ -190,7 +190,7 @@ def test_hang_killed_and_crash_replaced():
     items = [{"id": n, "video": n, "path": "/x/" + n} for n in names]
     t0 = time.monotonic()
     got = {item["video"]: message
-           for item, message in describe.decode_stream(items, slow_decode, (2,), workers=2, timeout=2.0, capacity=3)}
+           for item, message in describe.DecodePool(items, slow_decode, (2,), workers=2, timeout=2.0, capacity=3)}
     elapsed = time.monotonic() - t0
     assert sorted(got) == sorted(names)
     assert got["hang.mp4"][:2] == ("error", "decode_timeout") and "2 s" in got["hang.mp4"][2]
@@ -275,3 +275,20 @@ def test_torchrun_two_ranks(ckpt, folder, tmp_path):
     assert describe.part_paths(str(out)) == [] and describe.part_paths(describe.errors_path(str(out))) == []
     summary = json.load(open(str(out) + ".summary.json"))
     assert summary["ranks"] == 2 and summary["done"] == len(GOOD) and summary["failed"] == len(BROKEN)
+
+
+def test_empty_description_is_a_failure(ckpt, folder, tmp_path):
+    """A model that stops at once (every id a stop id here) writes no record; the video goes to the errors file."""
+    from model import VLM
+    from tokenizer import Tokenizer
+    vlm, tok = VLM.from_pretrained(ckpt), Tokenizer.from_pretrained(ckpt)
+    tok.stop_ids = tuple(range(vlm.config.text.vocab_size))
+    items = [it for it in describe.find_videos(folder) if it["video"] == "plain.mp4"]
+    args = (NUM_FRAMES, vlm.config.family, vlm.config.vision.image_size, 1024)
+    prompt_ids = describe.build_prompt(tok, vlm.config.family, "Describe.", vlm.num_video_tokens(NUM_FRAMES))
+    out, err = describe.JsonlWriter(str(tmp_path / "d.jsonl")), describe.JsonlWriter(str(tmp_path / "e.jsonl"))
+    counts = describe.describe(describe.decode_inline(items, describe.decode_video, args), vlm, tok, prompt_ids,
+                               ckpt, NUM_FRAMES, out, err, batch_size=2, max_new_tokens=4)
+    out.close(), err.close()
+    assert counts["done"] == 0 and counts["failed:empty_description"] == 1
+    assert read(tmp_path / "d.jsonl") == [] and read(tmp_path / "e.jsonl")[0]["reason"] == "empty_description"
