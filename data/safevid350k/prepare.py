@@ -255,7 +255,7 @@ def describe_video_id(video):
 def convert(src_path, out_path, taxonomy_path, video_id=describe_video_id):
     """SafeVid-350K files -> appended pairs JSONL (resumable, deduplicated by id) -> summary dict."""
     table = category_lookup(load_taxonomy(taxonomy_path))
-    files = find_files(src_path)
+    files = [p for p in find_files(src_path) if os.path.abspath(p) != os.path.abspath(out_path)]  # out inside src
     if not files:
         raise FileNotFoundError(f"no .jsonl/.json/.parquet files under src {src_path!r}: point --src at your "
                                 "SafeVid-350K download")
