@@ -141,6 +141,7 @@ def test_rerun_is_idempotent_and_resumes_after_a_kill(tmp_path):
     assert again["written"] == 0 and again["already_done"] == 7
     inside = tmp_path / "src" / "out.jsonl"  # an output kept inside src is not read back as input
     assert [sv.convert(str(tmp_path / "src"), str(inside), TAX)["written"] for _ in range(2)] == [7, 0]
+    inside.unlink()
     data = clean.read_bytes()
     killed = tmp_path / "killed.jsonl"
     cut = data.index(b"\n", data.index(b"\n") + 1) + 1 + 25  # two whole lines, then a torn third
