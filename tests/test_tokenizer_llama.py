@@ -13,15 +13,16 @@ Run: .venv/bin/python -m pytest -q tests/test_tokenizer_llama.py
 
 import json
 import math
+import os
 import random
 
 import pytest
 
+from tests.tiny import train_llama_tokenizer, write_llama_tokenizer
 from tokenizer import Tokenizer, chat_prompt
 
 tokenizers = pytest.importorskip("tokenizers")
 
-BYTES = [f"<0x{b:02X}>" for b in range(256)]
 TRAIN = [
     "A person walks into a kitchen and picks up a knife from the counter.",
     "The video shows a red car driving on a wet road at night, then it stops.",
@@ -50,36 +51,9 @@ def corpus(n=400, seed=0):
     return [("".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 12)))) for _ in range(n)] + EDGE
 
 
-def train_llama_tokenizer(texts, vocab_size=400, limit_alphabet=40, split_words=True):
-    """A Llama-structured tokenizer.json dict trained with `tokenizers` (the §5.3 recipe, hub layout)."""
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-    tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=split_words)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"] + BYTES,
-                                  limit_alphabet=limit_alphabet, show_progress=False)
-    tk.train_from_iterator(texts, trainer)
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
-    tk.add_special_tokens(["<video>", "<image>"])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    spec = json.loads(tk.to_str())
-    # as in the hub file, the <0xNN> pieces are plain vocab entries, not added tokens
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in BYTES]
-    return spec
-
-
 def write_checkpoint_tokenizer(path, spec):
-    """tokenizer.json + the hub tokenizer_config.json fields of LLaVA-NeXT-Video-7B-hf (§3.6)."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
-    added = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in spec["added_tokens"]}
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": True, "add_bos_token": True,
-        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
-        "padding_side": "left", "clean_up_tokenization_spaces": False, "model_max_length": 4096,
-        "added_tokens_decoder": added}))
-    ids = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    """The tokenizer files (tests/tiny.py: hub tokenizer_config fields) and a config.json naming the family."""
+    ids = write_llama_tokenizer(str(path), spec)
     (path / "config.json").write_text(json.dumps({"model_type": "llava_next_video", "video_token_index":
                                                   ids["<video>"], "image_token_index": ids["<image>"]}))
     return path
@@ -168,3 +142,145 @@ def test_bad_llama_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(split))
     with pytest.raises(ValueError, match="split=false"):
         Tokenizer.from_pretrained(str(tmp_path))
+
+
+def test_video_prompt_ids_equal_processor(llama, monkeypatch):
+    """BOS + chat_prompt + encode_prompt == transformers' chat template + LlavaNextVideoProcessor, whose own code
+    expands each <video> to frames·(g/2)². torchvision is not installable here, so a stub stands in for the video
+    processor's pixel step only (frames of the right count and size)."""
+    import numpy as np
+    import torch
+    import transformers.processing_utils
+    from transformers import AutoTokenizer, LlavaNextVideoProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    from data.demo.tokenizer import CHAT_TEMPLATES
+    size, patch = 56, 7  # grid 8, pooled 2x2 to 4x4 = 16 tokens per frame, as tests/tiny.py's CLIP
+
+    class FramesOnly(VideoProcessorMixin):
+        def __call__(self, videos, **kwargs):
+            return {"pixel_values_videos": [torch.zeros(len(v), 3, size, size) for v in videos]}
+
+    monkeypatch.setattr(transformers.processing_utils.transformers_module, "VideoProcessorMixin", VideoProcessorMixin,
+                        raising=False)
+    d, _ = llama
+    processor = LlavaNextVideoProcessor(video_processor=FramesOnly(), image_processor=LlavaNextImageProcessorPil(),
+                                        tokenizer=AutoTokenizer.from_pretrained(str(d)), patch_size=patch,
+                                        vision_feature_select_strategy="default",
+                                        chat_template=CHAT_TEMPLATES["llava_next_video"])
+    tok = Tokenizer.from_pretrained(str(d))
+    system = [{"role": "system", "content": [{"type": "text", "text": "A chat between a curious human and an AI."}]}]
+    user = [{"role": "user", "content": [{"type": "text", "text": "Why is this  video funny? 😀"}, {"type": "video"}]}]
+    multi_turn = user + [{"role": "assistant", "content": [{"type": "text", "text": "A1"}]},
+                         {"role": "user", "content": [{"type": "text", "text": "\nQ2, then 2 more?"}]}]
+    for messages, frames in ((system + user, 4), (user, 1), (multi_turn, 3)):
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert text == chat_prompt("llava_next_video", messages)
+        want = processor(text=[text], videos=[np.zeros((frames, 20, 30, 3), np.uint8)])["input_ids"][0]
+        want = want.tolist() if hasattr(want, "tolist") else list(want)
+        n = frames * (size // patch // 2) ** 2
+        got = tok.encode_prompt(chat_prompt("llava_next_video", messages), num_video_tokens=n)
+        assert got == want
+        assert got[0] == tok.bos_id == 1 and got.count(tok.video_token_id) == n
+
+
+# -----------------------------------------------------------------------------
+# the loop's scripts on a tiny llava_next_video checkpoint (tests/tiny.py: CLIP + Llama, the tokenizer above)
+
+@pytest.fixture(scope="module")
+def nv(tmp_path_factory):
+    from tests import media
+    from tests.tiny import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp("nv")
+    ckpt = make_tiny_checkpoint(root / "ckpt", family="llava_next_video")
+    (root / "videos").mkdir()
+    for k in range(3):
+        media.write_video(str(root / "videos" / f"v{k}.mp4"), num_frames=6 + 2 * k)
+    return dict(root=root, ckpt=ckpt, videos=str(root / "videos"))
+
+
+def test_tiny_checkpoint(nv):
+    import torch
+    from transformers import AutoTokenizer
+
+    from model import VLM
+    vlm, tok = VLM.from_pretrained(nv["ckpt"]), Tokenizer.from_pretrained(nv["ckpt"])
+    assert vlm.config.family == "llava_next_video" and tok.family == "llava_next_video"
+    assert vlm.config.video_token_id == tok.video_token_id and vlm.config.text.vocab_size >= tok.vocab_size
+    assert vlm.num_video_tokens(2) == 2 * 16  # grid 8 pooled to 4x4, no newline
+    text = "USER: <video>\nDescribe the video. ASSISTANT:"
+    auto = AutoTokenizer.from_pretrained(nv["ckpt"])
+    assert auto.encode(text) == tok.encode_prompt(text, 1)
+    prompt = tok.encode_prompt(text, vlm.num_video_tokens(2))
+    out = vlm.generate([prompt], pixel_values_videos=torch.randn(1, 2, 3, 56, 56), max_new_tokens=5,
+                       stop_ids=tok.stop_ids)
+    assert len(out[0]) >= 1 and isinstance(tok.decode(out[0], skip_special=True), str)
+
+
+def test_describe_runs_on_nv(nv, tmp_path):
+    """describe.run on the NV checkpoint; each description equals decode(generate(prompt with BOS)) done here."""
+    import torch
+
+    import describe
+    from model import VLM
+    cfg = {**describe.DEFAULTS, "model": nv["ckpt"], "videos": nv["videos"], "out": str(tmp_path / "d.jsonl"),
+           "num_frames": 2, "max_new_tokens": 8, "batch_size": 1, "decode_workers": 0, "progress": False}
+    describe.run(cfg)
+    records = [json.loads(line) for line in open(tmp_path / "d.jsonl")]
+    assert len(records) == 3, "a description was empty or failed"
+    vlm, tok = VLM.from_pretrained(nv["ckpt"]), Tokenizer.from_pretrained(nv["ckpt"])
+    prompt = describe.build_prompt(tok, "llava_next_video", describe.load_prompt(cfg["prompt"]),
+                                   vlm.num_video_tokens(2))
+    assert prompt[0] == tok.bos_id and prompt.count(tok.video_token_id) == 32
+    for r in records:
+        pixels, _ = describe.decode_video(os.path.join(nv["videos"], r["video"]), 2, "llava_next_video", 56,
+                                          cfg["max_side"])
+        new = vlm.generate([prompt], pixel_values_videos=torch.from_numpy(pixels)[None], max_new_tokens=8,
+                           stop_ids=tok.stop_ids)
+        assert r["description"] == tok.decode(new[0], skip_special=True).strip()
+
+
+def test_dpo_runs_on_nv(nv, tmp_path):
+    """dpo.validate_pairs on NV: BOS-prefixed prompt, responses after "ASSISTANT:" as " text</s>"; prefix-shared
+    log-probs equal the plain model on [prompt | response]; two training steps; the export loads as NV."""
+    import torch
+
+    import dpo
+    from model import VLM
+    refuse, comply = "I can't help with that, but here is some safety information.", "A person picks up a knife."
+    records = [dict(id=f"p{k}", video=f"v{k % 3}.mp4", prompt=["What happens?", "Describe the video."][k % 2],
+                    chosen=refuse, rejected=comply if k % 2 else comply + " 😀", category="weapons", subcategory="x",
+                    rule="r", style="explicit", query_type="harmful") for k in range(4)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    vlm, tok = VLM.from_pretrained(nv["ckpt"]), Tokenizer.from_pretrained(nv["ckpt"])
+    items, report = dpo.validate_pairs(str(pairs), tok, "llava_next_video", vlm.num_video_tokens(2), 256,
+                                       nv["videos"])
+    assert len(items) == 4, report
+    it = items[0]
+    assert it["prompt_ids"][0] == tok.bos_id and it["prompt_ids"].count(tok.video_token_id) == 32
+    assert it["chosen_ids"] == tok.encode(" " + refuse) + [tok.eos_id] and tok.eos_id == 2
+    assert tok.decode(it["prompt_ids"] + it["chosen_ids"], skip_special=True).endswith("ASSISTANT: " + refuse)
+    ds = dpo.PairFrames(items[:2], 2, "llava_next_video", vlm.config.vision.image_size)
+    batch = [ds[i] for i in range(2)]
+    with torch.no_grad():
+        shared = dpo.pair_logps(dpo.PairScorer(vlm), dpo.collate(batch, True, tok.pad_id), "cpu")
+        for b, item in enumerate(batch):
+            for branch, resp in enumerate((item["chosen_ids"], item["rejected_ids"])):
+                ids = torch.tensor([item["prompt_ids"] + resp])
+                logp = torch.log_softmax(vlm(ids, item["pixels"][None]).double(), -1)[0]
+                P = len(item["prompt_ids"])
+                want = sum(logp[P - 1 + k, t].item() for k, t in enumerate(resp))
+                assert abs(shared[branch][b].item() - want) <= 1e-5 * max(1.0, abs(want)), (b, branch)
+    cfg = dict(dpo.DEFAULTS, init_from=nv["ckpt"], pairs=str(pairs), video_root=nv["videos"],
+               out_dir=str(tmp_path / "run"), num_frames=2, max_len=256, decode_workers=0, device="cpu",
+               dtype="float32", batch_size=2, gradient_accumulation_steps=1, max_iters=2, learning_rate=1e-4,
+               eval_pairs=0, seed=0)
+    assert dpo.train(cfg)["status"] == "done"
+    final = os.path.join(cfg["out_dir"], "final")
+    assert VLM.from_pretrained(final).config.family == "llava_next_video"
+    exported = Tokenizer.from_pretrained(final)  # the tokenizer files travel with the export
+    text = "USER: <video>\nHi ASSISTANT:"
+    assert exported.encode_prompt(text, 2) == tok.encode_prompt(text, 2)
+    assert exported.bos_id == 1 and exported.stop_ids == tok.stop_ids

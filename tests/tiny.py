@@ -71,12 +71,17 @@ def hf_model(config, seed=0):
 
 
 def make_tiny_checkpoint(path, family="llava_onevision", tie=True, seed=0, tokenizer=True):
-    """Write a tiny random HF checkpoint (config.json, model.safetensors, and a byte-level BPE tokenizer whose
-    special ids match the config) to `path`; returns str(path)."""
+    """Write a tiny random HF checkpoint (config.json, model.safetensors, and a tokenizer whose special ids match
+    the config: byte-level BPE for llava_onevision, Llama-style for llava_next_video) to `path`; returns str(path)."""
     path = str(path)
     os.makedirs(path, exist_ok=True)
     vocab_size, video_id, image_id = 256, 255, 254
-    if tokenizer:
+    if tokenizer and family == "llava_next_video":
+        spec = train_llama_tokenizer(CORPUS, vocab_size=300)  # <video>, <image> get ids 300, 301
+        ids = write_llama_tokenizer(path, spec)
+        video_id, image_id = ids["<video>"], ids["<image>"]
+        vocab_size = 64 * math.ceil((max(ids.values()) + 1) / 64)
+    elif tokenizer:
         from data.demo.tokenizer import train_byte_bpe, write_tokenizer  # pure-Python BPE trainer
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
         tok = train_byte_bpe(CORPUS, vocab_size=300, special_tokens=specials)  # specials get ids 300..304
@@ -89,3 +94,48 @@ def make_tiny_checkpoint(path, family="llava_onevision", tie=True, seed=0, token
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["model_type"] == family
     return path
+
+
+# -----------------------------------------------------------------------------
+# the llava_next_video tokenizer: Llama/Vicuna structure, trained with `tokenizers` (test-only; shared/reference §5.3)
+
+LLAMA_BYTES = [f"<0x{b:02X}>" for b in range(256)]
+
+
+def train_llama_tokenizer(texts, vocab_size=400, limit_alphabet=40, split_words=True):
+    """A Llama-structured tokenizer.json dict: BPE(unk, byte_fallback, fuse_unk), <unk>,<s>,</s>,<0x00>..<0xFF> as
+    ids 0..258, a small alphabet (other characters fall back to bytes), Metaspace(prepend_scheme="first") trained
+    with split=`split_words` and saved with split=false, <video>/<image> added after the vocab, `<s> $A`."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=split_words)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"] + LLAMA_BYTES,
+                                  limit_alphabet=limit_alphabet, show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens(["<video>", "<image>"])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    spec = json.loads(tk.to_str())
+    # as in the hub file, the <0xNN> pieces are plain vocab entries, not added tokens
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in LLAMA_BYTES]
+    return spec
+
+
+def write_llama_tokenizer(path, spec):
+    """tokenizer.json + the hub tokenizer_config.json fields of LLaVA-NeXT-Video-7B-hf (§3.6); returns
+    {added token: id}."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    added = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in spec["added_tokens"]}
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": True, "add_bos_token": True,
+              "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "pad_token": "<unk>", "padding_side": "left", "clean_up_tokenization_spaces": False,
+              "model_max_length": 4096, "added_tokens_decoder": added}
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False)
+    return {t["content"]: t["id"] for t in spec["added_tokens"]}
