@@ -284,3 +284,13 @@ def test_dpo_runs_on_nv(nv, tmp_path):
     text = "USER: <video>\nHi ASSISTANT:"
     assert exported.encode_prompt(text, 2) == tok.encode_prompt(text, 2)
     assert exported.bos_id == 1 and exported.stop_ids == tok.stop_ids
+
+
+def test_dpo_recipe_config():
+    """config/llava_next_video.py is valid for dpo.py and its token budget holds the 32-frame video."""
+    import configurator
+    import dpo
+    cfg = configurator.configure(dpo.DEFAULTS, [os.path.join(os.path.dirname(__file__), "..", "config",
+                                                             "llava_next_video.py")])
+    assert cfg["fsdp"] and cfg["init_from"].endswith("LLaVA-NeXT-Video-7B-hf")
+    assert cfg["num_frames"] * 144 + 1024 <= cfg["max_len"] <= 4096 * 2  # video + text within Vicuna's scaled RoPE
