@@ -149,7 +149,7 @@ def direct_descriptions(ckpt, paths, batch):
     with open(os.path.join(REPO, "data/prompts/describe.txt")) as f:
         text = chat_prompt(c.family, [{"role": "user", "content": [{"type": "video"},
                                                                    {"type": "text", "text": f.read().strip()}]}])
-    assert text.startswith("<|im_start|>user\n<video>\nDescribe this video")
+    assert "<video>\nDescribe this video" in text
     ids = tok.encode_prompt(text, vlm.num_video_tokens(NUM_FRAMES))
     out = {}
     for k in range(0, len(paths), batch):
@@ -174,6 +174,17 @@ def test_matches_direct_generate(ckpt, folder, tmp_path):
         got = {r["video"]: r["description"] for r in read(out)}
         assert got == direct_descriptions(ckpt, paths, batch)
         assert len(set(got.values())) > 1, "every video got the same text: the frames did not reach the model"
+
+
+def test_llava_next_video(tmp_path, folder):
+    """The other family: its chat format, BOS, CLIP normalisation and pooling, through the same path."""
+    ckpt = make_tiny_checkpoint(tmp_path / "nv", family="llava_next_video")
+    paths = [it["path"] for it in describe.find_videos(folder) if it["video"] in GOOD]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    describe.run(config(ckpt, str(listing), tmp_path / "d.jsonl", batch_size=3, decode_workers=0))
+    got = {r["video"]: r["description"] for r in read(tmp_path / "d.jsonl")}
+    assert got == direct_descriptions(ckpt, paths, 3)
 
 
 # module-level so the forkserver's workers can import them by name
