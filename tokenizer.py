@@ -316,7 +316,8 @@ class Tokenizer:
             _fail(file, f"normalizer {normalizer.get('type')!r} (only NFC or none)")
         added = spec.get("added_tokens", [])
         for t in added:
-            if t.get("normalized") or t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+            # without a normalizer (the Llama layout) "normalized" matches the same raw text, so it is harmless
+            if (t.get("normalized") and not metaspace) or t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
                 raise ValueError(f"{file}: added token {t['content']!r} uses normalized/lstrip/rstrip/single_word, "
                                  "which this tokenizer does not reproduce")
         special = {t["content"]: t["id"] for t in added}
@@ -445,9 +446,10 @@ def chat_prompt(family, messages, add_generation_prompt=True):
 
 
 # -----------------------------------------------------------------------------
-# benchmark: python tokenizer.py [path/to/tokenizer.json]   (needs the test-only `tokenizers` package)
+# benchmark: python tokenizer.py [path/to/tokenizer.json | llama]   (needs the test-only `tokenizers` package)
 # Encode speed against `tokenizers` on ~8 MB of Python source + docstrings (transformers' model files). Without a
-# path it trains a 32k Qwen2-structured byte-level BPE on that corpus with `tokenizers` first.
+# path it trains a 32k Qwen2-structured byte-level BPE on that corpus with `tokenizers` first; `llama` trains a 32k
+# Llama/Vicuna-structured one (tests/tiny.py's recipe) and measures the LlamaBPE path.
 
 if __name__ == "__main__":
     import glob
@@ -518,7 +520,10 @@ if __name__ == "__main__":
         "ours, encode per paragraph": lambda: [ours.encode(p) for p in paragraphs],
         "tokenizers, encode per paragraph": lambda: [theirs.encode(p, add_special_tokens=False) for p in paragraphs],
     }
-    seconds = {k: best(fn) for k, fn in runs.items()}
+    seconds = {k: float("inf") for k in runs}
+    for _ in range(3):  # interleaved rounds, best of each: load from other jobs hits every run alike
+        for k, fn in runs.items():
+            seconds[k] = min(seconds[k], best(fn, repeat=1))
     base = seconds["ours, encode per file"]
     para_size, para_tokens = sum(len(p.encode()) for p in paragraphs), sum(len(ours.encode(p)) for p in paragraphs)
     print(f"paragraphs: {len(paragraphs)}, {para_size / 1e6:.1f} MB, {para_tokens} tokens")

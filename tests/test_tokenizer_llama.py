@@ -294,3 +294,14 @@ def test_dpo_recipe_config():
                                                              "llava_next_video.py")])
     assert cfg["fsdp"] and cfg["init_from"].endswith("LLaVA-NeXT-Video-7B-hf")
     assert cfg["num_frames"] * 144 + 1024 <= cfg["max_len"] <= 4096 * 2  # video + text within Vicuna's scaled RoPE
+
+
+def test_normalized_added_tokens(tmp_path):
+    """Older Llama files mark <unk>/<s>/</s> normalized=true; with no normalizer that matches the same raw text."""
+    spec = train_llama_tokenizer(TRAIN[:8])
+    for t in spec["added_tokens"]:
+        t["normalized"] = t["content"] in ("<unk>", "<s>", "</s>")
+    d = write_checkpoint_tokenizer(tmp_path, spec)
+    ref, tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json")), Tokenizer.from_pretrained(str(d))
+    texts = corpus(100, seed=5) + ["<s>x</s> <unk><s>", " </s>", "a<s>"]
+    assert [t for t in texts if tok.encode(t) != ref.encode(t, add_special_tokens=False).ids] == []
