@@ -408,6 +408,7 @@ def precompute_ref(scorer, dataset, cfg, device, autocast, rank, world, pad_id):
                     f.write(json.dumps(dict(id=pid, chosen=c, rejected=r)) + "\n")
                     f.flush()
     scorer.train()
+    reshard(scorer)
     if world > 1:
         dist.barrier()
     ref = load_ref(out_dir)
@@ -459,6 +460,13 @@ def build_scorer(path, cfg, device, trainable):
         fully_shard(scorer, mp_policy=mp)  # the root: embeddings, vision tower, projector, final norm, head
     scorer.train(trainable)
     return scorer
+
+
+def reshard(scorer):
+    """FSDP2 keeps the root's parameters gathered after a forward without backward (precompute, eval); put the
+    sharded ones back before the optimizer or a state dict looks at them."""
+    if hasattr(scorer, "reshard"):
+        scorer.reshard()
 
 
 def export_hf(scorer, path, cfg, rank):
@@ -580,6 +588,7 @@ def evaluate(scorer, ref_scorer, dataset, ref_logps, cfg, device, autocast, rank
                 by_category.setdefault(cat, [0.0, 0])
                 by_category[cat] = [by_category[cat][0] + ok, by_category[cat][1] + 1]
     scorer.train()
+    reshard(scorer)
     total = reduce_sums(sums, world, device) if sums else {}
     if world > 1:
         gathered = [None] * world

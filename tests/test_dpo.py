@@ -229,7 +229,8 @@ def cli(cfg):
     return [f"--{k}={v}" for k, v in cfg.items() if k in ("init_from", "pairs", "video_root", "out_dir", "num_frames",
                                                           "max_len", "decode_workers", "device", "dtype", "batch_size",
                                                           "max_iters", "learning_rate", "save_interval", "seed",
-                                                          "gradient_accumulation_steps", "keep_checkpoints")]
+                                                          "gradient_accumulation_steps", "keep_checkpoints", "fsdp",
+                                                          "activation_checkpointing")]
 
 
 def final_state(out):
@@ -261,19 +262,32 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
     assert all(torch.allclose(sa[k], sb[k], rtol=0, atol=1e-6) for k in sa)
 
 
-def test_torchrun_two_gloo_processes_match_one(data, tmp_path):
-    one = config(data, tmp_path / "one", max_iters=3, batch_size=2)
-    dpo.train(one)
-    two = dict(one, out_dir=str(tmp_path / "two"), batch_size=1)  # 2 ranks x 1 pair = the same global batch
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    cfg = config(data, tmp_path_factory.mktemp("one") / "run", max_iters=3, batch_size=2)
+    dpo.train(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_gloo_processes_match_one(one_process, tmp_path, mode):
+    # 2 ranks x 1 pair = the same global batch as one process with 2 pairs; FSDP2 also checkpoints per layer and
+    # writes a sharded optimizer state at step 2
+    two = dict(one_process, out_dir=str(tmp_path / mode), batch_size=1)
+    if mode == "fsdp":
+        two.update(fsdp=True, activation_checkpointing=True, save_interval=2)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(REPO, "dpo.py"), *cli(two)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "weights identical on 2 ranks" in proc.stdout
-    for x, y in zip(metrics(one["out_dir"]), metrics(two["out_dir"]), strict=True):
+    if mode == "ddp":
+        assert "weights identical on 2 ranks" in proc.stdout
+    else:
+        assert os.path.isfile(os.path.join(two["out_dir"], "ckpt-2", "optim", ".metadata"))
+    for x, y in zip(metrics(one_process["out_dir"]), metrics(two["out_dir"]), strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards_margin"] - y["rewards_margin"]) < 1e-5, (x, y)
-    sa, sb = final_state(one["out_dir"]), final_state(two["out_dir"])
+    sa, sb = final_state(one_process["out_dir"]), final_state(two["out_dir"])
     worst = max((sa[k] - sb[k]).abs().max().item() for k in sa)
     assert worst < 1e-5, worst
 
