@@ -305,3 +305,19 @@ def test_normalized_added_tokens(tmp_path):
     ref, tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json")), Tokenizer.from_pretrained(str(d))
     texts = corpus(100, seed=5) + ["<s>x</s> <unk><s>", " </s>", "a<s>"]
     assert [t for t in texts if tok.encode(t) != ref.encode(t, add_special_tokens=False).ids] == []
+
+
+def test_ignore_merges(tmp_path):
+    """BPE(ignore_merges=true): a segment that is itself a vocab piece is that piece, whatever the merges say."""
+    spec = train_llama_tokenizer(TRAIN[:8], split_words=False)
+    spec["model"]["ignore_merges"] = True
+    first = min(t["id"] for t in spec["added_tokens"] if t["content"] in ("<video>", "<image>"))
+    spec["model"]["vocab"].update({"▁zqx": first, "q▁z": first + 1})  # pieces no merge builds, before the added
+    for t in spec["added_tokens"]:
+        t["id"] += 2 if t["content"] in ("<video>", "<image>") else 0
+    d = write_checkpoint_tokenizer(tmp_path, spec)
+    ref, tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json")), Tokenizer.from_pretrained(str(d))
+    pieces = [p.replace("▁", " ") for p in spec["model"]["vocab"] if len(p) > 2 and "<" not in p][:200]
+    texts = pieces + [p.lstrip() for p in pieces] + corpus(100, seed=6) + ["zqx", " zqx", "<video>q z", "zqx zqx"]
+    assert tok.encode("zqx") == [first] and tok.encode("<video>q z")[1:] == [first + 1]
+    assert [t for t in texts if tok.encode(t) != ref.encode(t, add_special_tokens=False).ids] == []
