@@ -26,8 +26,9 @@ loss_type = "sigmoid"
 ref = "precompute"  # one forward pass over the pairs first, then one model in memory
 device = "auto"
 dtype = "bfloat16"
-# FSDP2 per decoder layer: 7.06B params (6.74B Vicuna + 0.30B CLIP + 21M projector) * (4 B fp32 param + 4 grad + 8 Adam)
-# = 113 GB / 8 GPUs = 14 GB per GPU, plus one 8k pair's checkpointed layer inputs (32 layers * 8192 * 4096 * 2 B = 2.1 GB)
+# FSDP2 per decoder layer: 7.06B params (6.74B Vicuna + 0.30B CLIP + 21M projector)
+# * (4 B fp32 param + 4 grad + 8 Adam) = 113 GB / 8 GPUs = 14 GB per GPU, plus one 8k pair's checkpointed layer
+# inputs (32 layers * 8192 * 4096 * 2 B = 2.1 GB)
 fsdp = True
 activation_checkpointing = True
 compile = True
