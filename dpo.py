@@ -843,7 +843,7 @@ def saved_bytes(fn, exclude=()):
     return out, total[0]
 
 
-def run_bench(cfg, rounds=5):
+def run_bench(cfg, rounds=10):
     """Same pairs, same process, interleaved best-of-rounds: (1) fwd+bwd of a DPO micro step with prefix sharing vs
     the prompt duplicated (the prefix is 90% of each [prompt | response] sequence); (2) activation memory of the
     response head, fused_logprobs on gathered rows vs naive full logits; (3) ref=precompute vs a live reference."""
@@ -882,15 +882,20 @@ def run_bench(cfg, rounds=5):
         scorer.zero_grad(set_to_none=True)
         sync()
 
+    def vision(*_):  # the frozen tower alone (no_grad, once per pair in every variant), to report the LM part apart
+        with torch.no_grad(), autocast:
+            vlm.video_features(batches[True]["pixels"].to(device))
+        sync()
+
     runs = {"prefix shared, ref precomputed": (True, False), "prompt duplicated, ref precomputed": (False, False),
-            "prefix shared, ref live": (True, True)}
+            "prefix shared, ref live": (True, True), "vision tower alone (no_grad)": None}
     best = dict.fromkeys(runs, float("inf"))
     for args in runs.values():
-        step(*args)  # warm-up
+        step(*args) if args else vision()  # warm-up
     for _ in range(rounds):
         for name, args in runs.items():
             t0 = time.perf_counter()
-            step(*args)
+            step(*args) if args else vision()
             best[name] = min(best[name], time.perf_counter() - t0)
 
     # response head activation memory: from the same hidden states, fused on gathered rows vs full logits
@@ -904,7 +909,9 @@ def run_bench(cfg, rounds=5):
     _, naive_bytes = saved_bytes(lambda: torch.log_softmax(F.linear(hidden, w).float(), -1).flatten(0, 1)[
         t["gather"], t["targets"]], exclude=(hidden, w))
     base = best["prefix shared, ref precomputed"]
+    lm = base - best["vision tower alone (no_grad)"]
     result = dict(prefix_sharing_speedup=best["prompt duplicated, ref precomputed"] / base,
+                  prefix_sharing_speedup_lm=(best["prompt duplicated, ref precomputed"] - base + lm) / lm,
                   ref_precompute_speedup=best["prefix shared, ref live"] / base,
                   fused_logprobs_memory_ratio=fused_bytes / naive_bytes,
                   head_saved_bytes=dict(fused=fused_bytes, naive=naive_bytes),
@@ -914,6 +921,8 @@ def run_bench(cfg, rounds=5):
           f"responses {L}, {device}, best of {rounds}:")
     for name, s in best.items():
         print(f"  {name:36s} {s * 1e3:8.1f} ms  {B / s:7.2f} pairs/s  ({s / base:.2f}x)")
+    print(f"  prefix sharing: {result['prefix_sharing_speedup']:.2f}x the whole step, "
+          f"{result['prefix_sharing_speedup_lm']:.2f}x its LM part (step minus the vision tower)")
     print(f"  response head activations: fused {fused_bytes / 2**10:.0f} KiB vs naive logits "
           f"{naive_bytes / 2**10:.0f} KiB ({result['fused_logprobs_memory_ratio']:.3f}x) at V={c.text.vocab_size}")
     os.makedirs(cfg["out_dir"], exist_ok=True)

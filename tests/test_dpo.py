@@ -237,20 +237,31 @@ def final_state(out):
     return VLM.from_pretrained(os.path.join(out, "final")).state_dict()
 
 
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    return os.path.exists(path)
+
+
 def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
+    # kill -9 right after ckpt-2, resume; SIGTERM the resumed run after ckpt-4 (it saves at the next step and exits
+    # cleanly), resume again: the logged losses and the final weights equal an uninterrupted run's
     base = config(data, tmp_path / "straight", max_iters=10, batch_size=2, gradient_accumulation_steps=2,
                   save_interval=2, keep_checkpoints=20)
     dpo.train(base)
     cfg = dict(base, out_dir=str(tmp_path / "killed"))
     proc = run_script(cli(cfg))
-    marker = os.path.join(cfg["out_dir"], "ckpt-2", "train_state.json")
-    deadline = time.time() + 120
-    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    landed = wait_for(os.path.join(cfg["out_dir"], "ckpt-2", "train_state.json"), proc)
     proc.send_signal(signal.SIGKILL)
     log = proc.communicate()[0]
-    assert os.path.exists(marker), log
-    assert not os.path.isdir(os.path.join(cfg["out_dir"], "final")), "the run finished before the kill"
+    assert landed and not os.path.isdir(os.path.join(cfg["out_dir"], "final")), "the kill missed the run\n" + log
+    proc = run_script(cli(cfg))
+    landed = wait_for(os.path.join(cfg["out_dir"], "ckpt-4", "train_state.json"), proc)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert landed and proc.returncode == 0 and "resuming from" in log and "SIGTERM: saved ckpt-" in log, log
+    assert not os.path.isdir(os.path.join(cfg["out_dir"], "final"))
     proc = run_script(cli(cfg))
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and "resuming from" in log, log
