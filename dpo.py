@@ -283,7 +283,9 @@ class PairScorer(nn.Module):
         self.vlm = vlm
 
     def forward(self, input_ids, pixels, position_ids, layout, gather, targets):
-        frozen = not any(p.requires_grad for p in self.vlm.multi_modal_projector.parameters())
+        vision = [self.vlm.image_newline, *self.vlm.vision_tower.parameters(),
+                  *self.vlm.multi_modal_projector.parameters()]
+        frozen = not any(p.requires_grad for p in vision)
         with torch.no_grad() if frozen else contextlib.nullcontext():
             features = self.vlm.video_features(pixels)  # (B, n_video, H)
         if input_ids.shape[0] != features.shape[0]:  # unshared baseline: each pair's two rows reuse its features
@@ -392,6 +394,19 @@ def precompute_ref(scorer, dataset, cfg, device, autocast, rank, world, pad_id):
     """First pass with the initial weights: each pair's summed reference log-probs appended to
     out_dir/ref_logps.r<rank>.jsonl, flushed per pair; pairs already on disk are skipped (resumable)."""
     out_dir = cfg["out_dir"]
+    meta = dict(init_from=os.path.abspath(cfg["init_from"]), num_frames=cfg["num_frames"], max_len=cfg["max_len"],
+                dtype=cfg["dtype"], fsdp=cfg["fsdp"])  # what the stored log-probs depend on
+    meta_path = os.path.join(out_dir, "ref_logps.meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != meta:
+            raise ValueError(f"{out_dir} holds reference log-probs made with {old}, this run has {meta}; use another "
+                             f"out_dir or delete {out_dir}/ref_logps.*")
+    barrier(world)  # every rank has read the old meta before rank 0 writes the new one
+    if rank == 0:
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
     done = load_ref(out_dir)
     todo = [i for i, it in enumerate(dataset.items) if it["id"] not in done]
     batches = rank_batches(todo, cfg["batch_size"], rank, world)

@@ -184,6 +184,24 @@ def test_prefix_sharing_equals_separate_sequences(data):
                         (b, branch, got[branch][b].item(), want[branch])
             assert shared[2][b] == len(it["chosen_ids"]) and shared[3][b] == len(it["rejected_ids"])
 
+def test_unreadable_video_gets_zero_weight(data, tmp_path):
+    # exists (so validation keeps it) but is not a video: the pair keeps the batch shape, weighs nothing, is recorded
+    tok = Tokenizer.from_pretrained(data["ckpt"])
+    items, _ = dpo.validate_pairs(data["pairs"], tok, "llava_onevision", 19, 256, data["videos"])
+    broken = tmp_path / "broken.mp4"
+    broken.write_text("not a video\n" * 10)
+    ds = dpo.PairFrames([items[0], dict(items[1], video=str(broken))], 2, "llava_onevision", 35)
+    batch = dpo.collate([ds[0], ds[1]], True, 0)
+    assert batch["weights"].tolist() == [1.0, 0.0] and batch["errors"][0]["id"] == items[1]["id"]
+    assert batch["pixels"][1].abs().sum() == 0
+    policy, ref = (torch.tensor([-5.0, -1.0]), torch.tensor([-6.0, -9.0])), (torch.zeros(2), torch.zeros(2))
+    counts = (torch.ones(2), torch.ones(2))
+    cfg = dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)
+    loss, sums, _ = dpo.batch_loss(policy, ref, counts, batch["weights"], cfg)
+    alone, _, _ = dpo.batch_loss((policy[0][:1], policy[1][:1]), (ref[0][:1], ref[1][:1]), (counts[0][:1],) * 2,
+                                 torch.ones(1), cfg)
+    assert loss.item() == alone.item() and sums["pairs"].item() == 1
+
 # -----------------------------------------------------------------------------
 # training runs
 
