@@ -14,7 +14,6 @@ out_dir gets: config.json, validation.json, ref_logps.*.jsonl, metrics.jsonl, ck
 + train_state.json), final/ (HF checkpoint with tokenizer files).
 """
 import contextlib
-import copy
 import functools
 import glob
 import json
@@ -638,13 +637,27 @@ def train_batches(n, total, start, cfg, world, rank):
     return out
 
 
+def check_config(cfg):
+    """Config errors fail here, before any work."""
+    problems = [f"{key}={cfg[key]!r} must be {want}" for key, ok, want in [
+        ("loss_type", cfg["loss_type"] in ("sigmoid", "ipo"), "'sigmoid' or 'ipo'"),
+        ("ref", cfg["ref"] in ("precompute", "live"), "'precompute' or 'live'"),
+        ("beta", cfg["beta"] > 0, "> 0"),
+        ("label_smoothing", 0 <= cfg["label_smoothing"] < 0.5, "in [0, 0.5)"),
+        ("dtype", cfg["dtype"] in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+        ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
+        ("gradient_accumulation_steps", cfg["gradient_accumulation_steps"] >= 1, ">= 1"),
+        ("num_frames", cfg["num_frames"] >= 1, ">= 1"),
+        ("log_interval", cfg["log_interval"] >= 1, ">= 1")] if not ok]
+    if problems:
+        raise ValueError("bad config: " + "; ".join(problems))
+
+
 def train(cfg):
     """The whole run for one process (under torchrun: one rank). Returns a summary dict."""
     from configurator import save_config
     from tokenizer import Tokenizer
-    if cfg["loss_type"] not in ("sigmoid", "ipo") or cfg["ref"] not in ("precompute", "live"):
-        raise ValueError(f"loss_type must be sigmoid or ipo and ref precompute or live; got {cfg['loss_type']!r}, "
-                         f"{cfg['ref']!r}")
+    check_config(cfg)
     rank, world, device = setup_distributed(cfg["device"])
     master, out_dir = rank == 0, cfg["out_dir"]
     final_dir = os.path.join(out_dir, "final")
@@ -707,9 +720,11 @@ def train(cfg):
         load_optimizer(scorer, optimizer, ckpt)
         with open(os.path.join(ckpt, "train_state.json")) as f:
             state = json.load(f)
-        if state["global_batch"] != global_batch:
-            raise ValueError(f"{ckpt} was trained with a global batch of {state['global_batch']} pairs, this run has "
-                             f"{global_batch}; resume with the same world x batch_size x gradient_accumulation_steps")
+        if state["global_batch"] != global_batch or state["train_pairs"] != len(train_items):
+            raise ValueError(f"{ckpt} was trained with a global batch of {state['global_batch']} pairs over "
+                             f"{state['train_pairs']} training pairs, this run has {global_batch} over "
+                             f"{len(train_items)}; resume with the same world x batch_size x gradient_accumulation_steps "
+                             f"and the same valid pairs (see validation.json), or start in a fresh out_dir")
         start = state["step"]
         rng = torch.load(os.path.join(ckpt, f"rng-rank{rank}.pt"), weights_only=True) \
             if os.path.isfile(os.path.join(ckpt, f"rng-rank{rank}.pt")) else None
@@ -721,7 +736,8 @@ def train(cfg):
             print(f"resuming from {ckpt} at step {start}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master:  # drop what was logged after the checkpoint we resume from: it is about to be redone
-        kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start] if ckpt and os.path.isfile(metrics_path) else []
+        resumed = ckpt and os.path.isfile(metrics_path)
+        kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start] if resumed else []
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
     wandb = None
@@ -787,7 +803,8 @@ def train(cfg):
                 where = f"pairs {ids} on rank {rank}" if not mine_finite else "pairs on another rank"
                 raise FloatingPointError(f"non-finite loss at step {step + 1} ({where}); no update was applied. "
                                          f"Lower learning_rate or drop those pairs, and resume from the last checkpoint")
-            grad_norm = float(nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else 1e30))
+            clip = cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")  # inf: measure the norm, clip nothing
+            grad_norm = float(nn.utils.clip_grad_norm_(params, clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt, done = time.time() - t0, step + 1
@@ -804,7 +821,8 @@ def train(cfg):
                 run_eval(done)
             if total_sums["stop"] or (cfg["save_interval"] and done % cfg["save_interval"] == 0 and done < total):
                 save_checkpoint(scorer, optimizer, dict(step=done, pairs_seen=done * global_batch,
-                                                        global_batch=global_batch, world_size=world), cfg, rank, world)
+                                                        global_batch=global_batch, world_size=world,
+                                                        train_pairs=len(train_items)), cfg, rank, world)
                 if total_sums["stop"]:
                     if master:
                         print(f"SIGTERM: saved ckpt-{done} and stopped; rerun the same command to resume")
