@@ -290,7 +290,10 @@ def _worker(conn, decode_fn, decode_args):
         if path is None:
             return
         # a pipe per worker, written synchronously: a worker killed mid-send corrupts only its own pipe
-        conn.send(_decode_one(decode_fn, path, decode_args))
+        try:
+            conn.send(_decode_one(decode_fn, path, decode_args))
+        except OSError:  # the main process is gone
+            return
 
 
 def decode_inline(items, decode_fn, decode_args):
