@@ -5,6 +5,7 @@ Video DPO (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs, exact an
     python dpo.py config/tiny.py                          # CPU, the demo's tiny model
     torchrun --nproc_per_node=8 dpo.py config/llava.py    # LLaVA-OneVision-7B on a node (FSDP2)
     python dpo.py config/tiny.py --bench=True             # prefix sharing / fused log-probs / reference benchmark
+    python dpo.py config/tiny.py --bench=True --device=cuda   # + DPO steps on two Qwen2-7B-shaped layers, MFU
 
 A pair is one sequence [prompt + video | chosen | rejected] (layout [P, C, R] of kernels.attention): the rejected
 branch restarts its positions at P and never sees the chosen branch, so the video prefix is computed once. Log-probs
@@ -458,6 +459,13 @@ def build_scorer(path, cfg, device, trainable):
         vlm.vision_tower.requires_grad_(cfg["train_vision"])
         vlm.multi_modal_projector.requires_grad_(cfg["train_projector"])
         vlm.image_newline.requires_grad_(cfg["train_projector"])
+    if cfg["dtype"] == "bfloat16" and not cfg["fsdp"]:
+        # Under autocast the embeddings come out fp32, RoPE then lifts q and k to fp32 while v stays bf16, and
+        # kernels.attention refuses mixed dtypes. Cast the embedding output to the autocast dtype: the residual
+        # stream then runs in bf16, the same numerics as FSDP2's bf16 MixedPrecisionPolicy.
+        vlm.language_model.model.embed_tokens.register_forward_hook(
+            lambda module, args, out: out.to(torch.get_autocast_dtype(out.device.type))
+            if torch.is_autocast_enabled(out.device.type) else out)
     layers = vlm.language_model.model.layers
     for layer in layers:
         if cfg["activation_checkpointing"] and trainable:  # keep each layer's input only; recompute in backward
@@ -723,8 +731,8 @@ def train(cfg):
         if state["global_batch"] != global_batch or state["train_pairs"] != len(train_items):
             raise ValueError(f"{ckpt} was trained with a global batch of {state['global_batch']} pairs over "
                              f"{state['train_pairs']} training pairs, this run has {global_batch} over "
-                             f"{len(train_items)}; resume with the same world x batch_size x gradient_accumulation_steps "
-                             f"and the same valid pairs (see validation.json), or start in a fresh out_dir")
+                             f"{len(train_items)}; resume with the same world x batch_size x "
+                             f"gradient_accumulation_steps and the same valid pairs (see validation.json), or start in a fresh out_dir")
         start = state["step"]
         rng = torch.load(os.path.join(ckpt, f"rng-rank{rank}.pt"), weights_only=True) \
             if os.path.isfile(os.path.join(ckpt, f"rng-rank{rank}.pt")) else None
@@ -801,8 +809,8 @@ def train(cfg):
             total_sums = reduce_sums(sums, world, device)
             if not math.isfinite(total_sums["loss"]):
                 where = f"pairs {ids} on rank {rank}" if not mine_finite else "pairs on another rank"
-                raise FloatingPointError(f"non-finite loss at step {step + 1} ({where}); no update was applied. "
-                                         f"Lower learning_rate or drop those pairs, and resume from the last checkpoint")
+                raise FloatingPointError(f"non-finite loss at step {step + 1} ({where}); no update was applied. Lower "
+                                         f"learning_rate or drop those pairs, and resume from the last checkpoint")
             clip = cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")  # inf: measure the norm, clip nothing
             grad_norm = float(nn.utils.clip_grad_norm_(params, clip))
             optimizer.step()
@@ -958,10 +966,85 @@ def run_bench(cfg, rounds=10):
           f"{result['prefix_sharing_speedup_lm']:.2f}x its LM part (step minus the vision tower)")
     print(f"  response head activations: fused {fused_bytes / 2**10:.0f} KiB vs naive logits "
           f"{naive_bytes / 2**10:.0f} KiB ({result['fused_logprobs_memory_ratio']:.3f}x) at V={c.text.vocab_size}")
+    if device.type == "cuda":  # the GPU figure: 7B-shaped layers, 32 frames
+        result["qwen2_7b_layers"] = run_bench_layers(device)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     with open(os.path.join(cfg["out_dir"], "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+# Qwen2-7B's decoder (LLaVA-OneVision-7B's LM) and the bf16 dense peak of the GPUs this project is lent (TFLOP/s)
+QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                vocab_size=152064, rope_theta=1e6, rms_norm_eps=1e-6)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def run_bench_layers(device, text=QWEN2_7B, layers=2, num_frames=32, tokens_per_frame=196, response=256, pairs=1,
+                     rounds=5):
+    """DPO steps (fwd + bwd, bf16 parameters and activations) through `layers` decoder layers of the given shape
+    with its full vocabulary head, on one prefix-shared pair per row of [P = frames x tokens + 1 + 30 | C | R];
+    the frozen vision tower is left out (random video features). Reports tokens/s and MFU, and the same pairs with
+    the prompt duplicated. FLOPs counted (model FLOPs: no recomputation, fwd + bwd = 3 x fwd):
+      matmuls  2 * N_layer_params * tokens * layers           (q, k, v, o, gate, up, down)
+      attention 4 * heads * head_dim * visible (query, key) pairs * layers   (QK^T and PV)
+      head     2 * hidden * vocab * response tokens           (fused_logprobs on the gathered rows only)"""
+    from model import VLM, parse_config
+    H, I, nh, nkv = (text[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                         "num_key_value_heads"))
+    hd, V = H // nh, text["vocab_size"]
+    raw = dict(model_type="llava_onevision", video_token_index=V - 1, image_token_index=V - 2,
+               tie_word_embeddings=False, vision_config=dict(hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=1, num_attention_heads=2,
+                                                             image_size=28, patch_size=14),
+               text_config=dict(text, num_hidden_layers=layers))
+    with torch.device("meta"):
+        vlm = VLM(parse_config(raw))
+    vlm = vlm.to_empty(device=device).to(torch.bfloat16)  # bf16 compute, as under FSDP2's MixedPrecisionPolicy
+    with torch.no_grad():
+        for p in vlm.parameters():
+            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
+    P = num_frames * tokens_per_frame + 1 + 30
+    items = [dict(prompt_ids=[1] * 30 + [V - 1] * (P - 30), chosen_ids=torch.randint(0, V - 2, (response,)).tolist(),
+                  rejected_ids=torch.randint(0, V - 2, (response,)).tolist()) for _ in range(pairs)]
+    features = torch.randn(pairs, P - 30, H, device=device, dtype=torch.bfloat16) * 0.02
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(share):
+        b = {k: v.to(device) for k, v in pack_pairs(items, share).items()}
+        f = features if share else features.repeat_interleave(2, 0)
+        hidden = vlm(b["input_ids"], video_features=f, position_ids=b["position_ids"], layout=b["layout"],
+                     return_hidden=True)
+        logp = fused_logprobs(hidden.flatten(0, 1)[b["gather"]], vlm.lm_head_weight, b["targets"])
+        logp.sum().backward()
+        vlm.zero_grad(set_to_none=True)
+        sync()
+
+    best = {}
+    for share in (True, False):
+        step(share)  # warm-up (Triton autotuning, allocator)
+    for _ in range(rounds):
+        for share in (True, False):
+            t0 = time.perf_counter()
+            step(share)
+            best[share] = min(best.get(share, float("inf")), time.perf_counter() - t0)
+    tri = lambda n: n * (n + 1) // 2  # causal (query, key) pairs in n tokens
+    visible = pairs * (tri(P + response) + response * P + tri(response))
+    tokens = pairs * (P + 2 * response)
+    layer_params = H * (nh * hd) * 2 + H * (nkv * hd) * 2 + 3 * H * I
+    fwd = 2 * layer_params * tokens * layers + 4 * nh * hd * visible * layers + 2 * H * V * pairs * 2 * response
+    flops = 3 * fwd
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    out = dict(device=name, layers=layers, tokens=tokens, prompt=P, response=response, pairs=pairs,
+               step_s=best[True], tokens_per_s=tokens / best[True], tflops=flops / best[True] / 1e12,
+               mfu=flops / best[True] / peak if peak else None, prefix_sharing_speedup=best[False] / best[True])
+    mfu = f", MFU {out['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else ""
+    print(f"{layers} decoder layers of hidden {H} (V={V}) on {name}, {pairs} pair(s) of {tokens} tokens "
+          f"(prompt {P}, responses {response}): {best[True] * 1e3:.1f} ms/step, {out['tokens_per_s']:.0f} tokens/s, "
+          f"{out['tflops']:.1f} TFLOP/s{mfu}; prompt duplicated {best[False] * 1e3:.1f} ms "
+          f"({out['prefix_sharing_speedup']:.2f}x)")
+    return out
 
 
 if __name__ == "__main__":
