@@ -732,7 +732,8 @@ def train(cfg):
             raise ValueError(f"{ckpt} was trained with a global batch of {state['global_batch']} pairs over "
                              f"{state['train_pairs']} training pairs, this run has {global_batch} over "
                              f"{len(train_items)}; resume with the same world x batch_size x "
-                             f"gradient_accumulation_steps and the same valid pairs (see validation.json), or start in a fresh out_dir")
+                             f"gradient_accumulation_steps and the same valid pairs (see validation.json), or start in "
+                             f"a fresh out_dir")
         start = state["step"]
         rng = torch.load(os.path.join(ckpt, f"rng-rank{rank}.pt"), weights_only=True) \
             if os.path.isfile(os.path.join(ckpt, f"rng-rank{rank}.pt")) else None
