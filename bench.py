@@ -39,8 +39,8 @@ from collections import Counter, defaultdict
 import numpy as np
 
 import llm
-from configurator import configure, print_config, save_config
-from generate_pairs import iter_jsonl, load_taxonomy, render, repair_tail, stable_hash
+from configurator import configure, iter_jsonl, print_config, repair_tail, save_config, stable_hash
+from generate_pairs import load_taxonomy, render
 
 # ---------------------------------------------------------------------------------------------------------------
 # config: defaults, overridden by config/*.py and --key=value

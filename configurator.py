@@ -11,8 +11,14 @@ executed) or `--key=value` overrides, applied left to right. Fixed against nanoG
 - unknown keys are rejected, from files and the CLI alike, with the list of valid keys;
 - a config path is tried as given, then relative to this repository (so `config/tiny.py` works from any directory).
 `print_config` / `save_config` mask secrets, so an API key never reaches a log or a config dump.
+
+The bottom of the file holds the other half of every script's I/O contract (shared/DESIGN.md, reliability): outputs
+are append-only JSONL, flushed per record, that a rerun reads back to skip finished ids, tolerating the torn last
+line a kill leaves (`repair_tail`, `iter_jsonl`, `read_jsonl`, `stable_hash`). They live here, beside the config
+dump, so that each script imports one small helper module and no script imports another.
 """
 import ast
+import hashlib
 import json
 import os
 import re
@@ -111,3 +117,57 @@ def save_config(config, path):
     with open(tmp, "w") as f:
         json.dump(masked(config), f, indent=2, sort_keys=True, default=str)
     os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# outputs: append-only JSONL that survives a kill
+
+
+def repair_tail(path):
+    """Truncate a torn last line (a kill mid-write) so appends start on a fresh line. Reads only the file's tail."""
+    if not path or not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            if pos == end and chunk.endswith(b"\n"):
+                return  # intact
+            k = chunk.rfind(b"\n")
+            if k >= 0:
+                f.truncate(pos - step + k + 1)
+                return
+            pos -= step
+        f.truncate(0)  # a single torn line and nothing else
+
+
+def iter_jsonl(path, required=()):
+    """Records of a JSONL file, streamed. An unparseable unterminated last line (torn by a kill) is skipped; any other
+    bad line, or a record lacking a `required` field, is an error naming the file and line."""
+    if not path or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if not line.endswith("\n"):
+                    return  # the last line, torn
+                raise ValueError(f"{path}:{i + 1} is not valid JSON; fix or remove that line")
+            missing = [k for k in required if not isinstance(rec, dict) or k not in rec]
+            if missing:
+                raise ValueError(f"{path}:{i + 1} lacks required fields {missing}")
+            yield rec
+
+
+def read_jsonl(path, required=()):
+    return list(iter_jsonl(path, required))
+
+
+def stable_hash(*parts):
+    """A hex digest that is the same in every process and run (Python's hash() is salted per process)."""
+    return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()

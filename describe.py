@@ -50,7 +50,7 @@ from multiprocessing import connection
 
 import torch
 
-from configurator import configure, print_config, save_config
+from configurator import configure, iter_jsonl, print_config, repair_tail, save_config
 
 # ---------------------------------------------------------------------------------------------------------------
 # config: defaults, overridden by config/*.py and --key=value
@@ -156,45 +156,6 @@ def load_prompt(path):
 # append-only JSONL: torn-line repair, streamed reads, resume state, part files
 
 
-def repair_tail(path):
-    """Truncate a torn last line (a kill mid-write), reading only the tail, so appends start on a fresh line."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        end = pos = f.seek(0, os.SEEK_END)
-        while pos > 0:
-            step = min(pos, 1 << 16)
-            f.seek(pos - step)
-            chunk = f.read(step)
-            if pos == end and chunk.endswith(b"\n"):
-                return
-            k = chunk.rfind(b"\n")
-            if k >= 0:
-                f.truncate(pos - step + k + 1)
-                return
-            pos -= step
-        f.truncate(0)
-
-
-def iter_jsonl(path):
-    """Records of a JSONL file, streamed; an unterminated unparseable last line (torn by a kill) is skipped."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                if not line.endswith("\n"):
-                    return  # torn last line
-                raise ValueError(f"{path}:{i + 1} is not valid JSON; fix or remove that line")
-            if not isinstance(rec, dict) or "id" not in rec:
-                raise ValueError(f"{path}:{i + 1} has no `id`; is {path} really a describe.py output?")
-            yield rec
-
-
 def part_paths(path):
     """Part files that ranks write beside `path` (any world size, including a killed run's)."""
     return sorted(glob.glob(glob.escape(path) + ".rank*"))
@@ -206,7 +167,7 @@ def errors_path(out_path):
 
 def read_ids(path):
     """Ids in `path` and in its part files."""
-    return {rec["id"] for p in [path] + part_paths(path) for rec in iter_jsonl(p)}
+    return {rec["id"] for p in [path] + part_paths(path) for rec in iter_jsonl(p, required=("id",))}
 
 
 def merge_parts(path):
@@ -216,10 +177,10 @@ def merge_parts(path):
     if not parts:
         return 0
     repair_tail(path)
-    seen, added = {rec["id"] for rec in iter_jsonl(path)}, 0
+    seen, added = {rec["id"] for rec in iter_jsonl(path, required=("id",))}, 0
     with open(path, "a", encoding="utf-8") as f:
         for part in parts:
-            for rec in iter_jsonl(part):
+            for rec in iter_jsonl(part, required=("id",)):
                 if rec["id"] not in seen:
                     seen.add(rec["id"])
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")

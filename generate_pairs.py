@@ -19,7 +19,6 @@ Outputs: `out` (pairs JSONL, DESIGN.md format), `<out>.errors.jsonl` (drops and 
 `<out>.done.jsonl` (description ids finished: a rerun skips them), `<out>.config.json`, `<out>.summary.json`.
 Every call goes through llm.py's SQLite cache, so a rerun after a kill re-pays nothing it already received.
 """
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ import time
 from collections import Counter
 
 import llm
-from configurator import configure, print_config, save_config
+from configurator import configure, iter_jsonl, print_config, read_jsonl, repair_tail, save_config, stable_hash
 
 # ---------------------------------------------------------------------------------------------------------------
 # config: defaults, overridden by config/*.py and --key=value
@@ -131,56 +130,6 @@ def render(template, **fields):
     """Chat messages from a template; a missing placeholder is a KeyError naming it."""
     return [{"role": role, "content": template[role].substitute(fields)} for role in ("system", "user")
             if role in template]
-
-
-def repair_tail(path):
-    """Truncate a torn last line (a kill mid-write) so appends start on a fresh line. Reads only the tail."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        end = f.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            step = min(pos, 1 << 16)
-            f.seek(pos - step)
-            chunk = f.read(step)
-            if pos == end and chunk.endswith(b"\n"):
-                return  # intact
-            k = chunk.rfind(b"\n")
-            if k >= 0:
-                f.truncate(pos - step + k + 1)
-                return
-            pos -= step
-        f.truncate(0)  # a single torn line and nothing else
-
-
-def iter_jsonl(path, required=()):
-    """Records of a JSONL file, streamed; an unparseable unterminated last line (torn by a kill) is skipped, any
-    other bad line is an error naming it."""
-    if not path or not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                if not line.endswith("\n"):
-                    return  # the last line, torn
-                raise ValueError(f"{path}:{i + 1} is not valid JSON; fix or remove that line")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{i + 1} lacks required fields {missing}")
-            yield rec
-
-
-def read_jsonl(path, required=()):
-    return list(iter_jsonl(path, required))
-
-
-def stable_hash(*parts):
-    return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()
 
 
 def in_shard(desc_id, shard_spec):

@@ -9,7 +9,6 @@ Run: .venv/bin/python -m pytest -q tests/test_tokenizer.py
 
 import json
 import math
-import os
 import random
 import unicodedata
 

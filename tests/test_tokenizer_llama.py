@@ -12,7 +12,6 @@ Run: .venv/bin/python -m pytest -q tests/test_tokenizer_llama.py
 """
 
 import json
-import math
 import os
 import random
 

@@ -11,7 +11,6 @@ import sys
 
 import av
 import numpy as np
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
