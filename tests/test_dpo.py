@@ -88,6 +88,21 @@ def test_dpo_loss_matches_textbook():
     with pytest.raises(ValueError, match="loss_type"):
         dpo.dpo_loss(pc, pr, rc, rr, 0.1, "hinge")
 
+
+def test_batch_loss_ipo_mean_logps_and_sft_term():
+    # IPO on per-token means; sft_weight adds the chosen response's per-token NLL; weights average over pairs
+    pc, pr, rc, rr = [torch.tensor(v, dtype=torch.float64) for v in ([-8.0, -3.0], [-9.0, -2.0], [-7.0, -4.0],
+                                                                      [-10.0, -2.5])]
+    nc, nr, w = torch.tensor([4.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 5.0], dtype=torch.float64), \
+        torch.ones(2, dtype=torch.float64)
+    cfg = dict(loss_type="ipo", beta=0.25, label_smoothing=0.0, sft_weight=0.5)
+    loss, sums, _ = dpo.batch_loss((pc, pr), (rc, rr), (nc, nr), w, cfg)
+    want = 0.0
+    for i in range(2):
+        h = (pc[i] / nc[i] - pr[i] / nr[i]) - (rc[i] / nc[i] - rr[i] / nr[i])
+        want += ((h - 1 / (2 * 0.25)) ** 2 + 0.5 * (-pc[i] / nc[i])).item() / 2
+    assert abs(loss.item() - want) < 1e-12 and sums["pairs"].item() == 2
+
 # -----------------------------------------------------------------------------
 # packing and validation: pure functions over token ids
 
