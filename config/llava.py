@@ -9,7 +9,7 @@ out_dir = "out/llava_dpo"
 # tokens; prompt text ~100 and two responses up to ~900 each fit in 8192
 num_frames = 32
 max_len = 8192
-decode_workers = 6  # per rank: 48 decode processes on the node's CPUs keep 8 GPUs fed at ~1 pair/s/GPU
+decode_workers = 6  # per rank (48 on the node): decoding 32 frames by seeking is CPU work that must keep pace
 batch_size = 1  # pairs per micro step per GPU: one 8k-token packed pair
 gradient_accumulation_steps = 16  # 1 pair * 16 accum * 8 GPUs = 128 pairs per optimizer step
 epochs = 2  # 350k pairs / 128 = ~2734 steps per epoch
@@ -20,7 +20,7 @@ weight_decay = 0.0
 grad_clip = 1.0
 beta = 0.1
 loss_type = "sigmoid"
-ref = "precompute"  # one forward pass over the pairs first (~1/3 of a training epoch), then one model in memory
+ref = "precompute"  # one forward pass over the pairs first (a forward ≈ 1/3 of fwd+bwd), then one model in memory
 device = "auto"
 dtype = "bfloat16"
 # FSDP2 per decoder layer: 8.0B params * (4 B fp32 param + 4 grad + 8 Adam) = 128 GB / 8 GPUs = 16 GB per GPU, plus
