@@ -31,6 +31,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import read_jsonl, repair_tail
+from kernels import fused_logprobs
+
 # -----------------------------------------------------------------------------
 # config: defaults (config/*.py and --key=value override them)
 # I/O
@@ -266,14 +269,6 @@ def pack_pairs(items, share_prefix=True, pad_id=0):
 # model side: pair log-probs in one module call (so DDP / FSDP2 see one forward per micro step)
 
 
-def fused_logprobs(hidden, weight, targets):
-    try:
-        from kernels import fused_logprobs as op
-    except ImportError:  # kernels.py missing: the naive reference (materializes (M, V))
-        return torch.log_softmax(hidden.float() @ weight.float().T, -1).gather(1, targets[:, None]).squeeze(1)
-    return op(hidden, weight, targets)
-
-
 class PairScorer(nn.Module):
     """The VLM plus the response log-prob head: input_ids (N, T) etc. from pack_pairs, pixels (B, F, 3, S, S) ->
     per-token log-probs (M,) fp32 at the gathered response positions. The vision tower runs once per pair."""
@@ -359,28 +354,6 @@ def make_loader(dataset, batches, workers, pad_id, ref_logps=None, pin=False):
                                        collate_fn=functools.partial(collate, pad_id=pad_id, ref_logps=ref_logps))
 
 
-def read_jsonl(path):
-    """Records of a JSONL file; a torn last line (a kill mid-write) is skipped."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
-
-
-def repair_tail(path):
-    """Cut a torn last line so that appended records start on a fresh line."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 def load_ref(out_dir):
     """{pair id: (chosen, rejected)} from every rank's ref_logps.r*.jsonl."""
     ref = {}
@@ -459,13 +432,6 @@ def build_scorer(path, cfg, device, trainable):
         vlm.vision_tower.requires_grad_(cfg["train_vision"])
         vlm.multi_modal_projector.requires_grad_(cfg["train_projector"])
         vlm.image_newline.requires_grad_(cfg["train_projector"])
-    if cfg["dtype"] == "bfloat16" and not cfg["fsdp"]:
-        # Under autocast the embeddings come out fp32, RoPE then lifts q and k to fp32 while v stays bf16, and
-        # kernels.attention refuses mixed dtypes. Cast the embedding output to the autocast dtype: the residual
-        # stream then runs in bf16, the same numerics as FSDP2's bf16 MixedPrecisionPolicy.
-        vlm.language_model.model.embed_tokens.register_forward_hook(
-            lambda module, args, out: out.to(torch.get_autocast_dtype(out.device.type))
-            if torch.is_autocast_enabled(out.device.type) else out)
     layers = vlm.language_model.model.layers
     for layer in layers:
         if cfg["activation_checkpointing"] and trainable:  # keep each layer's input only; recompute in backward

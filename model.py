@@ -269,6 +269,7 @@ def rope_cos_sin(position_ids, c, dtype):
 
 
 def apply_rope(x, cos, sin):  # x (B, nh, T, hd)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q/k are bf16 while the residual stream is fp32
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
