@@ -19,9 +19,27 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
 
-# the mini set (tiny random checkpoint + synthetic videos), then one forward and one generation
+# The whole loop on the demo's mini set, each step a plain script run (a rerun resumes every step).
+# tests/test_demo.py runs the same recipe with DEMO_VIDEOS=2 and a few DPO steps.
+DEMO ?= out/demo
+DEMO_VIDEOS ?= 12
+DPO_ARGS ?=
 demo: $(VENV)/.runtime
-	$(PY) data/demo/prepare.py --out=out/demo
-	$(PY) model.py out/demo/model
+	$(MAKE) --no-print-directory demo-steps
 
-.PHONY: test demo
+demo-steps:
+	$(PY) data/demo/prepare.py --out=$(DEMO) --num_videos=$(DEMO_VIDEOS)
+	$(PY) describe.py config/describe_demo.py --model=$(DEMO)/model --videos=$(DEMO)/videos \
+		--out=$(DEMO)/descriptions.jsonl --temperature=1.0 --progress=False
+	$(PY) generate_pairs.py config/pairs_offline.py --descriptions=$(DEMO)/descriptions.jsonl --out=$(DEMO)/pairs.jsonl
+	$(PY) bench.py --split_pairs=$(DEMO)/pairs.jsonl --test_fraction=0.25
+	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \
+		--video_root=$(DEMO)/videos --model=$(DEMO)/model --out_dir=$(DEMO)/bench_base --progress=False
+	$(PY) dpo.py config/tiny.py --init_from=$(DEMO)/model --pairs=$(DEMO)/pairs.train.jsonl --video_root=$(DEMO)/videos \
+		--out_dir=$(DEMO)/dpo --num_frames=8 $(DPO_ARGS)
+	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \
+		--video_root=$(DEMO)/videos --model=$(DEMO)/dpo/final --out_dir=$(DEMO)/bench_dpo --progress=False
+	$(PY) bench.py config/bench_demo.py --compare=$(DEMO)/bench_base,$(DEMO)/bench_dpo --out_dir=$(DEMO)/bench_cmp
+	$(PY) data/demo/prepare.py --out=$(DEMO) --summary=True
+
+.PHONY: test demo demo-steps

@@ -4,6 +4,7 @@ Face checkpoint (config.json, model.safetensors, a byte-level BPE tokenizer with
 synthetic videos made with PyAV. It proves the plumbing; the model knows nothing.
 
     python data/demo/prepare.py [--out=out/demo] [--num_videos=12]
+    python data/demo/prepare.py --out=out/demo --summary=True     # after the loop: the demo's closing table
 """
 import json
 import os
@@ -15,6 +16,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 from data.demo.tokenizer import CHAT_TEMPLATES, train_byte_bpe, write_tokenizer  # noqa: E402
+from configurator import read_jsonl  # noqa: E402
 from model import VLM, init_weights, parse_config  # noqa: E402
 
 # scenes of the synthetic videos: a name (it becomes the file name) and a colour scheme; the pixels are only moving
@@ -87,6 +89,32 @@ def write_video(path, seed, seconds=2.0, fps=8, size=(64, 48)):
             container.mux(packet)
 
 
+def summary(out):
+    """The demo's closing table, read from what each step wrote: pairs, DPO's first and last step, bench before/after."""
+    pairs = read_jsonl(os.path.join(out, "pairs.jsonl"))
+    harmful = sum(p["query_type"] == "harmful" for p in pairs)
+    n_train = len(read_jsonl(os.path.join(out, "pairs.train.jsonl")))
+    steps = [m for m in read_jsonl(os.path.join(out, "dpo", "metrics.jsonl")) if "loss" in m]
+    first, last = steps[0], steps[-1]
+    lines = [f"safevid demo in {out}: a tiny random model, so these numbers prove the plumbing, not safety",
+             f"pairs made        {len(pairs)} ({harmful} harmful, {len(pairs) - harmful} benign); "
+             f"{n_train} for DPO, {len(pairs) - n_train} held out as bench items (split by video)",
+             f"DPO, {last['step']} steps    reward accuracy {first['rewards_accuracy']:.2f} -> "
+             f"{last['rewards_accuracy']:.2f}, margin {first['rewards_margin']:.3f} -> {last['rewards_margin']:.3f} "
+             f"(first vs last step)",
+             f"{'bench':<18}{'base':>22}{'after DPO':>22}"]
+    runs = [json.load(open(os.path.join(out, run, "summary.json"))) for run in ("bench_base", "bench_dpo")]
+    for key, name in (("safety_rate", "safety %"), ("over_refusal_rate", "over-refusal %"),
+                      ("helpfulness", "helpful %")):
+        cells = [f"{100 * r[key]['value']:.1f} [{100 * r[key]['ci_low']:.0f}, {100 * r[key]['ci_high']:.0f}]"
+                 if r[key]["value"] is not None else "n/a" for r in runs]
+        lines.append(f"{name:<18}{cells[0]:>22}{cells[1]:>22}")
+    lines.append(f"report            {os.path.join(out, 'bench_cmp', 'report.md')} "
+                 f"(and bench_base/, bench_dpo/ report.md with plots)")
+    print("\n".join(lines))
+    return lines
+
+
 def main(out="out/demo", num_videos=12, seed=0):
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     build_checkpoint(os.path.join(out, "model"), seed)
@@ -100,4 +128,5 @@ def main(out="out/demo", num_videos=12, seed=0):
 
 if __name__ == "__main__":
     from configurator import configure
-    main(**configure(dict(out="out/demo", num_videos=12, seed=0), sys.argv[1:]))
+    cfg = configure(dict(out="out/demo", num_videos=12, seed=0, summary=False), sys.argv[1:])
+    summary(cfg["out"]) if cfg.pop("summary") else main(**cfg)
