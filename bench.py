@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import string
 import sys
 import time
 from collections import Counter, defaultdict
@@ -40,7 +39,6 @@ import numpy as np
 
 import llm
 from configurator import configure, iter_jsonl, print_config, repair_tail, save_config, stable_hash
-from generate_pairs import load_taxonomy, render
 
 # ---------------------------------------------------------------------------------------------------------------
 # config: defaults, overridden by config/*.py and --key=value
@@ -231,18 +229,8 @@ def generate_answers(todo, model_dir, video_root, out_path, err_path, num_frames
 
 
 def load_judge_templates(folder):
-    """judge_harmful.txt / judge_benign.txt: `### system` / `### user` sections with ${name} placeholders."""
-    out = {}
-    for qt in QUERY_TYPES:
-        path = os.path.join(folder, f"judge_{qt}.txt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"judge template {path} is missing")
-        with open(path, encoding="utf-8") as f:
-            parts = re.split(r"^### (system|user)[ \t]*$", f.read(), flags=re.M)
-        out[qt] = {k: string.Template(v.strip()) for k, v in zip(parts[1::2], parts[2::2])}
-        if "user" not in out[qt]:
-            raise ValueError(f"judge template {path} needs a '### user' section")
-    return out
+    """judge_harmful.txt / judge_benign.txt of `folder` (data/prompts) -> {query type: template}."""
+    return {qt: llm.load_template(os.path.join(folder, f"judge_{qt}.txt")) for qt in QUERY_TYPES}
 
 
 def rule_fields(item, rules):
@@ -273,7 +261,7 @@ def judge_messages(item, answer, tpl, rules):
     fields = dict(rule_fields(item, rules), category=item["category"], boundary=boundary,
                   request=fence("REQUEST", query, boundary), intent=intent_block,
                   answer=fence("REPLY", answer, boundary))
-    return render(tpl[item["query_type"]], **fields)
+    return llm.render(tpl[item["query_type"]], **fields)
 
 
 def check_judge_templates(tpl, rules):
@@ -377,7 +365,7 @@ def run_judge(items_by_id, answers_by_id, out_dir, cfg):
     todo = [items_by_id[i] for i in answers_by_id if i in items_by_id and i not in done]
     if not todo:
         return dict(judged=0, transient_failures=0)
-    rules = load_taxonomy(cfg["taxonomy"])["rules"]
+    rules = llm.load_taxonomy(cfg["taxonomy"])["rules"]
     tpl = load_judge_templates(cfg["prompts"])
     offline = cfg["judge_url"] == "offline"
     client = llm.Client(cfg["judge_url"], "offline" if offline else cfg["judge_model"],
@@ -670,7 +658,7 @@ def run(cfg):
     items_list = load_items(cfg["items"])
     overlap = check_overlap(items_list, cfg["train_pairs"], cfg["allow_train_overlap"])
     items_by_id = {it["id"]: it for it in items_list}
-    tax = load_taxonomy(cfg["taxonomy"])
+    tax = llm.load_taxonomy(cfg["taxonomy"])
     check_judge_templates(load_judge_templates(cfg["prompts"]), tax["rules"])  # config errors before any work
     unknown = sorted({it["rule"] for it in items_list if it.get("rule") and it["rule"] not in tax["rules"]})
     if unknown:

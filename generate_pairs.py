@@ -22,7 +22,6 @@ Every call goes through llm.py's SQLite cache, so a rerun after a kill re-pays n
 import json
 import os
 import re
-import string
 import sys
 import time
 from collections import Counter
@@ -91,45 +90,9 @@ def queries_schema(n):
 # inputs
 
 
-def load_taxonomy(path):
-    """data/taxonomy.json -> {"version", "rules": {rule id: rule + category/subcategory ids}}; clear errors."""
-    with open(path) as f:
-        tax = json.load(f)
-    if "version" not in tax or "categories" not in tax:
-        raise ValueError(f"taxonomy {path} needs 'version' and 'categories' at the top level")
-    rules = {}
-    for cat in tax["categories"]:
-        for sub in cat["subcategories"]:
-            for rule in sub["rules"]:
-                missing = {"id", "refuse", "safe_help", "video_guidance"} - set(rule)
-                if missing:
-                    raise ValueError(f"taxonomy {path}: rule {rule.get('id')!r} lacks {sorted(missing)}")
-                if rule["id"] in rules:
-                    raise ValueError(f"taxonomy {path}: rule id {rule['id']!r} is used twice")
-                rules[rule["id"]] = dict(rule, category=cat["id"], subcategory=sub["id"])
-    return {"version": tax["version"], "rules": rules}
-
-
 def load_prompts(folder):
-    """Each template file: `### system` then `### user` sections with ${name} placeholders."""
-    out = {}
-    for name in TEMPLATES:
-        path = os.path.join(folder, name + ".txt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"prompt template {path} is missing (needed: {', '.join(TEMPLATES)})")
-        with open(path) as f:
-            parts = re.split(r"^### (system|user)[ \t]*$", f.read(), flags=re.M)
-        sections = dict(zip(parts[1::2], (p.strip() for p in parts[2::2])))
-        if "user" not in sections:
-            raise ValueError(f"prompt template {path} needs a '### user' section")
-        out[name] = {k: string.Template(v) for k, v in sections.items()}
-    return out
-
-
-def render(template, **fields):
-    """Chat messages from a template; a missing placeholder is a KeyError naming it."""
-    return [{"role": role, "content": template[role].substitute(fields)} for role in ("system", "user")
-            if role in template]
+    """The generation templates of `folder` (data/prompts): {name: template} for every name in TEMPLATES."""
+    return {name: llm.load_template(os.path.join(folder, name + ".txt")) for name in TEMPLATES}
 
 
 def in_shard(desc_id, shard_spec):
@@ -192,7 +155,7 @@ def process(client, desc, tax, tpl, opts, answers=None):
     rule_ids = sorted(tax["rules"])
     listing = "\n".join(f"{r}: {tax['rules'][r]['category']} / {tax['rules'][r]['subcategory']}: "
                         f"{tax['rules'][r]['refuse']}" for r in rule_ids)
-    reply = call("select_rules", render(tpl["select_rules"], description=text, rules=listing, boundary=boundary,
+    reply = call("select_rules", llm.render(tpl["select_rules"], description=text, rules=listing, boundary=boundary,
                                         max_rules=opts["max_rules"]),
                  {"description": text, "rules": tax["rules"], "max_rules": opts["max_rules"]},
                  schema=rules_schema(rule_ids, opts["max_rules"]), max_tokens=400)
@@ -206,7 +169,7 @@ def process(client, desc, tax, tpl, opts, answers=None):
     slots = plan_slots(vid, list(picked), opts["styles"], opts["queries_per_video"], opts["seed"])
     slot_text = "\n".join(f"{k + 1}. style={style}; rule {rid}: {tax['rules'][rid]['refuse']}"
                           for k, (rid, style) in enumerate(slots))
-    reply = call("queries", render(tpl["queries"], description=text, slots=slot_text, n=len(slots),
+    reply = call("queries", llm.render(tpl["queries"], description=text, slots=slot_text, n=len(slots),
                                    boundary=boundary),
                  {"description": text, "slots": [(tax["rules"][r], s) for r, s in slots]},
                  schema=queries_schema(len(slots)), max_tokens=80 * len(slots) + 100)
@@ -231,7 +194,7 @@ def process(client, desc, tax, tpl, opts, answers=None):
                       category=rule["category"], subcategory=rule["subcategory"], query_type=kind)
         meta = dict(rule=rule, query=query, query_type=kind, style=style, description=text)
         pid = pair_id(vid, query)
-        chosen = call("chosen", render(tpl[f"chosen_{kind}"], **fields), meta, max_tokens=opts["max_tokens"])
+        chosen = call("chosen", llm.render(tpl[f"chosen_{kind}"], **fields), meta, max_tokens=opts["max_tokens"])
         if chosen is None:
             continue
         if answers is not None:
@@ -240,13 +203,13 @@ def process(client, desc, tax, tpl, opts, answers=None):
                 continue
             rejected, source = answers[pid]["answer"], f"policy:{answers[pid].get('model', '?')}"
         else:
-            r = call("rejected", render(tpl[f"rejected_{kind}"], **fields), meta, max_tokens=opts["max_tokens"])
+            r = call("rejected", llm.render(tpl[f"rejected_{kind}"], **fields), meta, max_tokens=opts["max_tokens"])
             if r is None:
                 continue
             rejected, source = r.text.strip(), "llm"
         if opts["verify"]:
             vb = stable_hash("verify", chosen.text, rejected)[:10]
-            v = call("verify", render(tpl["verify"], **dict(fields, chosen=chosen.text.strip(), rejected=rejected,
+            v = call("verify", llm.render(tpl["verify"], **dict(fields, chosen=chosen.text.strip(), rejected=rejected,
                                                               boundary=vb)),
                      dict(meta, chosen=chosen.text, rejected=rejected), schema=VERIFY_SCHEMA, max_tokens=200,
                      temperature=0.0)
@@ -327,7 +290,7 @@ def estimate(todo, tax, tpl, opts, have_answers, prices):
                  refuse=rule["refuse"], safe_help=rule["safe_help"], video_guidance=rule["video_guidance"],
                  style="explicit", category="c", subcategory="s", query_type="harmful", chosen="a" * 800,
                  rejected="r" * 700)
-        size = lambda name: sum(len(m["content"]) for m in render(tpl[name], **f))  # noqa: E731
+        size = lambda name: sum(len(m["content"]) for m in llm.render(tpl[name], **f))  # noqa: E731
         prompt_chars += size("select_rules") + size("queries")
         prompt_chars += q * (size("chosen_harmful") + (0 if have_answers else size("rejected_harmful"))
                              + (size("verify") if opts["verify"] else 0))
@@ -350,7 +313,7 @@ def check_templates(tpl):
                             "query_type", "chosen", "rejected"), "x")
     for name, t in tpl.items():
         try:
-            render(t, **fields)
+            llm.render(t, **fields)
         except (KeyError, ValueError) as e:
             raise ValueError(f"prompt template {name}.txt uses an unknown or malformed placeholder {e}; known: "
                              f"{', '.join(sorted(fields))}")
@@ -367,7 +330,7 @@ def run(cfg):
         raise ValueError(f"shard {cfg['shard']!r} must be i/n with 0 <= i < n, e.g. 0/4")
     if cfg["queries_per_video"] < 1 or cfg["max_rules"] < 1 or cfg["concurrency"] < 1:
         raise ValueError("queries_per_video, max_rules and concurrency must be at least 1")
-    tax, tpl = load_taxonomy(cfg["taxonomy"]), load_prompts(cfg["prompts"])
+    tax, tpl = llm.load_taxonomy(cfg["taxonomy"]), load_prompts(cfg["prompts"])
     check_templates(tpl)
     if not os.path.exists(cfg["descriptions"]):
         raise FileNotFoundError(f"descriptions {cfg['descriptions']} not found; run describe.py first or set "

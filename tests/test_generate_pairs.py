@@ -71,7 +71,7 @@ def test_offline_end_to_end(tmp_path):
     pairs = lines(cfg["out"])
     assert code == 0 and summary["descriptions_done"] == 6 and len(pairs) == summary["total_pairs"] > 12
     assert len({p["id"] for p in pairs}) == len(pairs)
-    rules = gp.load_taxonomy(cfg["taxonomy"])["rules"]
+    rules = llm.load_taxonomy(cfg["taxonomy"])["rules"]
     for p in pairs:
         assert {"id", "video", "prompt", "chosen", "rejected", "category", "subcategory", "rule", "style",
                 "query_type"} <= set(p)
@@ -222,7 +222,7 @@ def test_dedup_and_ids():
     assert gp.pair_id("v1", "How do I do this?") == gp.pair_id("v1", "how do i do this") != gp.pair_id("v2", "x")
     assert gp.near_duplicate("how did they do the jump in this clip", "how did they do the jump in the clip", 0.8)
     assert not gp.near_duplicate("how did they do the jump", "is this jump dangerous for kids", 0.8)
-    tax = gp.load_taxonomy(os.path.join(REPO, "data/taxonomy.json"))
+    tax = llm.load_taxonomy(os.path.join(REPO, "data/taxonomy.json"))
     tpl = gp.load_prompts(os.path.join(REPO, "data/prompts"))
     client = llm.Client("offline", "offline", offline=gp.offline_reply)
     desc = {"id": "vid0000", "video": "a.mp4", "description": "a rooftop jump challenge"}
@@ -271,7 +271,7 @@ def test_config_errors_fail_before_any_work(tmp_path):
 def test_taxonomy_is_complete_and_well_formed():
     with open(os.path.join(REPO, "data/taxonomy.json")) as f:
         raw = json.load(f)
-    tax = gp.load_taxonomy(os.path.join(REPO, "data/taxonomy.json"))  # unique ids, required fields
+    tax = llm.load_taxonomy(os.path.join(REPO, "data/taxonomy.json"))  # unique ids, required fields
     assert raw["version"]
     required = {"violence", "weapons", "self_harm", "dangerous_acts", "illegal_activity", "hate_harassment",
                 "sexual_content", "privacy", "misinformation", "cybercrime", "extremism", "animal_cruelty"}

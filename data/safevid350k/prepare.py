@@ -41,7 +41,8 @@ from collections import Counter
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 from configurator import configure, iter_jsonl, print_config, repair_tail, save_config  # noqa: E402
-from generate_pairs import load_taxonomy, pair_id  # noqa: E402
+from generate_pairs import pair_id  # noqa: E402
+from llm import load_taxonomy  # noqa: E402
 
 # config
 mode = "import"  # import: src (SafeVid-350K files) -> out (pairs JSONL); trl: src (pairs JSONL) -> out (TRL JSONL)

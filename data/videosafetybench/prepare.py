@@ -27,7 +27,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 from configurator import configure, print_config  # noqa: E402
-from generate_pairs import load_taxonomy  # noqa: E402
+from llm import load_taxonomy  # noqa: E402
 
 # config
 src = ""  # folder (searched recursively for .json/.jsonl) or one metadata file
