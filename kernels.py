@@ -238,7 +238,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, 
                  sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
                  HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     # one query tile of one head
     pid_m = tl.program_id(0)
     b = (tl.program_id(1) // H).to(tl.int64)  # int64: b * stride passes 2**31 elements on long batches
