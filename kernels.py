@@ -70,21 +70,35 @@ def _check_attention_args(q, k, v, causal, layout):
 
 
 def attention_ref(q, k, v, causal=True, layout=None):
-    """Reference attention: SDPA with GQA (no repeated K/V) and a boolean mask built from the layout.
-    q (B, Hq, T, D), k/v (B, Hkv, T, D) -> o (B, Hq, T, D); scale D**-0.5; padding rows are exactly 0."""
+    """Reference attention on SDPA with GQA (no repeated K/V). q (B, Hq, T, D), k/v (B, Hkv, T, D) -> o (B, Hq, T, D);
+    scale D**-0.5; padding rows are exactly 0. With a layout each row runs as the rule's two pieces: prefix + first
+    branch is one plain causal block (no mask), and the second branch attends [prefix | itself] through a small
+    (R, P+R) mask. Same maths as masking with `layout_mask`, without the dense (T, T) mask: on CPU a mask costs SDPA
+    1.45x fwd+bwd (`python kernels.py`), and the chosen x rejected block is never computed."""
     _check_attention_args(q, k, v, causal, layout)
     gqa = q.shape[1] != k.shape[1]
     T = q.shape[2]
     if layout is not None and not layout.is_cuda and bool((layout[:, 0] == T).all()):
-        layout = None  # every row is [T, 0, 0]: plain causal (a mask costs 1.45x fwd+bwd on CPU, `python kernels.py`)
+        layout = None  # every row is [T, 0, 0]: one batched plain causal call
     if layout is None:  # the plain fast path: no mask tensor at all
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-    mask = layout_mask(layout, T, q.device)  # (B, 1, T, T)
-    valid = (torch.arange(T, device=q.device) < layout.to(q.device).sum(1, keepdim=True)).view(-1, 1, T, 1)
-    # a padding row attends nothing; let it see itself so softmax stays finite, then zero it: no NaN fwd or bwd
-    mask = mask | (~valid & torch.eye(T, dtype=torch.bool, device=q.device))
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return o * valid.to(o.dtype)
+    rows = []
+    for b, (P, C, R) in enumerate(layout.tolist()):
+        qb, kb, vb = q[b:b + 1], k[b:b + 1], v[b:b + 1]  # (1, H, T, D)
+        PC = P + C
+        parts = []
+        if PC:
+            parts.append(F.scaled_dot_product_attention(qb[:, :, :PC], kb[:, :, :PC], vb[:, :, :PC], is_causal=True,
+                                                        enable_gqa=gqa))
+        if R:
+            keys, values = (torch.cat([x[:, :, :P], x[:, :, PC:PC + R]], dim=2) for x in (kb, vb))  # (1, H, P+R, D)
+            sees = torch.ones(R, P + R, dtype=torch.bool, device=q.device).tril(diagonal=P)  # all of P, branch <= i
+            parts.append(F.scaled_dot_product_attention(qb[:, :, PC:PC + R], keys, values, attn_mask=sees,
+                                                        enable_gqa=gqa))
+        if T > PC + R:
+            parts.append(q.new_zeros(1, q.shape[1], T - PC - R, q.shape[3]))  # padding rows: exactly 0
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 # -----------------------------------------------------------------------------
