@@ -157,14 +157,15 @@ def test_reference_attention_matches_fp64(T, Hq, Hkv, D, dtype, mode):
 
 
 def test_reference_plain_causal_takes_the_fast_path(monkeypatch):
-    def no_mask(*args):
-        raise AssertionError("layout=None must not build a mask")
-    monkeypatch.setattr(kernels, "layout_mask", no_mask)
-    q, k, v, _ = make_qkv(1, 4, 2, 9, 64, torch.float32)
-    o = kernels.attention_ref(q, k, v)
+    """layout=None, and a layout whose rows are all [T, 0, 0], are one batched mask-free SDPA call."""
+    q, k, v, _ = make_qkv(3, 4, 2, 9, 64, torch.float32)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert torch.equal(o, want)
-    assert torch.equal(kernels.attention_ref(q, k, v, layout=torch.tensor([[9, 0, 0]])), want)  # all rows full
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw.get("attn_mask")) or sdpa(*a, **kw))
+    assert torch.equal(kernels.attention_ref(q, k, v), want)
+    assert torch.equal(kernels.attention_ref(q, k, v, layout=torch.tensor([[9, 0, 0]] * 3)), want)  # all rows full
+    assert calls == [None, None]
 
 
 def pair_vs_two_rows(fn, P, C, R, pad, dtype):
