@@ -438,19 +438,19 @@ class VLM(nn.Module):
         causal = torch.ones(T0, T0, dtype=torch.bool, device=device).tril()
         mask = (causal & valid[:, None, :T0]) | torch.eye(T0, dtype=torch.bool, device=device)
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-        out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=device)
+        out, done = [[] for _ in range(B)], [False] * B
         start, last_pos = 0, positions[:, -1]
         for _ in range(max_new_tokens):
             caches = [(k, v, start, mask[:, None]) for k, v in kv]
             h = self.decode(x, positions, caches=caches)[:, -1]  # (B, H)
             next_ids = sample(F.linear(h, self.lm_head_weight).float(), temperature, top_p, generator)
-            for i in range(B):
+            for i, token in enumerate(next_ids.tolist()):  # one host sync per step, not one per row
                 if not done[i]:
-                    if int(next_ids[i]) in stop_ids:
+                    if token in stop_ids:
                         done[i] = True
                     else:
-                        out[i].append(int(next_ids[i]))
-            if bool(done.all()):
+                        out[i].append(token)
+            if all(done):
                 break
             start += x.shape[1]
             valid[:, start] = True
