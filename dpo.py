@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -124,14 +125,9 @@ def truncate_responses(P, chosen, rejected, max_len):
     C, R = len(chosen), len(rejected)
     if C + R <= budget:
         return chosen, rejected, False
-    half = budget // 2
-    if C <= half:
-        R = budget - C
-    elif R <= half:
-        C = budget - R
-    else:
-        C, R = half, budget - half
-    return chosen[:C], rejected[:R], True
+    # a response that fits in half the budget keeps its length, the other gets the rest (both cut: half each)
+    C = min(C, max(budget // 2, budget - R))
+    return chosen[:C], rejected[:budget - C], True
 
 
 def encode_pair(record, tok, family, n_video_tokens, max_len, video_root):
@@ -193,8 +189,7 @@ def validate_pairs(path, tok, family, n_video_tokens, max_len, video_root, stric
                     raise ValueError(f"{path}:{lineno}: invalid pair ({reason}); fix or remove it, or run with "
                                      f"--strict=False to drop invalid pairs")
                 dropped[reason] += 1
-                examples.setdefault(reason, [])
-                if len(examples[reason]) < 5:
+                if len(examples.setdefault(reason, [])) < 5:
                     examples[reason].append(f"line {lineno}")
                 continue
             seen.add(item["id"])
@@ -336,21 +331,25 @@ def batch_loss(policy, ref, counts, weights, cfg):
 # batches and reference log-probs
 
 
-def rank_batches(indices, batch_size, rank, world):
-    """Split `indices` into micro-batches for this rank, the same number on every rank (FSDP collectives need it):
-    ranks that run out get their first index again, marked not real. Returns [(index list, real)]."""
-    n = math.ceil(len(indices) / (batch_size * world))
-    out = []
-    for k in range(n):
-        start = (k * world + rank) * batch_size
-        chunk = indices[start:start + batch_size]
-        out.append((chunk, True) if chunk else (indices[:1], False))
-    return out
-
-
 def make_loader(dataset, batches, workers, pad_id, ref_logps=None, pin=False):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin,
                                        collate_fn=functools.partial(collate, pad_id=pad_id, ref_logps=ref_logps))
+
+
+def scan(scorer, dataset, indices, cfg, rank, world, pad_id, ref_logps=None):
+    """Yield (real, batch) over this rank's share of `indices` with the scorer in eval mode. Every rank gets the same
+    number of batches (FSDP collectives need it): a rank that runs out repeats the first index, marked not real."""
+    B, batches = cfg["batch_size"], []
+    for k in range(math.ceil(len(indices) / (B * world))):
+        chunk = indices[(k * world + rank) * B:(k * world + rank + 1) * B]
+        batches.append((chunk, True) if chunk else (indices[:1], False))
+    loader = make_loader(dataset, [b for b, _ in batches], cfg["decode_workers"], pad_id, ref_logps)
+    scorer.eval()
+    for (_, real), batch in zip(batches, loader):
+        yield real, batch
+    scorer.train()
+    if hasattr(scorer, "reshard"):  # FSDP2 leaves the root's parameters gathered after a forward without backward
+        scorer.reshard()
 
 
 def load_ref(out_dir):
@@ -381,23 +380,17 @@ def precompute_ref(scorer, dataset, cfg, device, autocast, rank, world, pad_id):
             json.dump(meta, f)
     done = load_ref(out_dir)
     todo = [i for i, it in enumerate(dataset.items) if it["id"] not in done]
-    batches = rank_batches(todo, cfg["batch_size"], rank, world)
     path = os.path.join(out_dir, f"ref_logps.r{rank}.jsonl")
     repair_tail(path)
-    scorer.eval()
-    loader = make_loader(dataset, [b for b, _ in batches], cfg["decode_workers"], pad_id)
     with open(path, "a", encoding="utf-8") as f:
-        for (_, real), batch in zip(batches, loader):
+        for real, batch in scan(scorer, dataset, todo, cfg, rank, world, pad_id):
             with autocast:
                 chosen, rejected, _, _ = pair_logps(scorer, batch, device)
             for pid, c, r in zip(batch["ids"], chosen.tolist(), rejected.tolist()):
                 if real:
                     f.write(json.dumps(dict(id=pid, chosen=c, rejected=r)) + "\n")
                     f.flush()
-    scorer.train()
-    reshard(scorer)
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     ref = load_ref(out_dir)
     missing = [it["id"] for it in dataset.items if it["id"] not in ref]
     assert not missing, f"reference log-probs missing for {missing[:5]}"
@@ -449,13 +442,6 @@ def build_scorer(path, cfg, device, trainable):
     return scorer
 
 
-def reshard(scorer):
-    """FSDP2 keeps the root's parameters gathered after a forward without backward (precompute, eval); put the
-    sharded ones back before the optimizer or a state dict looks at them."""
-    if hasattr(scorer, "reshard"):
-        scorer.reshard()
-
-
 def export_hf(scorer, path, cfg, rank):
     """Write an HF checkpoint dir (model.save_pretrained, with the tokenizer files of its source) from rank 0;
     under FSDP the full state dict is gathered to rank 0 first (every rank must call this)."""
@@ -480,11 +466,8 @@ def export_hf(scorer, path, cfg, rank):
 
 
 def latest_checkpoint(out_dir):
-    steps = []
-    for path in glob.glob(os.path.join(out_dir, "ckpt-*", "train_state.json")):
-        name = os.path.basename(os.path.dirname(path))
-        if name.removeprefix("ckpt-").isdigit():
-            steps.append(int(name.removeprefix("ckpt-")))
+    names = [os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(out_dir, "ckpt-*", "train_state.json"))]
+    steps = [int(n.removeprefix("ckpt-")) for n in names if n.removeprefix("ckpt-").isdigit()]
     return os.path.join(out_dir, f"ckpt-{max(steps)}") if steps else None
 
 
@@ -516,16 +499,6 @@ def save_checkpoint(scorer, optimizer, state, cfg, rank, world):
     barrier(world)
 
 
-def load_optimizer(scorer, optimizer, ckpt):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        state = {"optim": get_optimizer_state_dict(scorer, optimizer)}
-        dcp.load(state, checkpoint_id=os.path.join(ckpt, "optim"))
-    set_optimizer_state_dict(scorer, optimizer, state["optim"])
-
-
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -555,36 +528,40 @@ def reduce_sums(sums, world, device):
     return dict(zip(keys, t.tolist()))
 
 
+def score(scorer, ref_scorer, batch, device, autocast):
+    """Policy and reference summed log-probs, each (chosen (B,), rejected (B,)), and the response lengths. The
+    reference is the live frozen model when there is one, else the batch's precomputed values."""
+    with autocast:
+        *policy, nc, nr = pair_logps(scorer, batch, device)
+        if ref_scorer is None:
+            return policy, batch["ref"].to(device).unbind(1), (nc, nr)
+        with torch.no_grad():
+            return policy, pair_logps(ref_scorer, batch, device)[:2], (nc, nr)
+
+
 @torch.no_grad()
 def evaluate(scorer, ref_scorer, dataset, ref_logps, cfg, device, autocast, rank, world, pad_id):
     """Loss and reward metrics over the held-out pairs, plus accuracy per category."""
-    batches = rank_batches(list(range(len(dataset))), cfg["batch_size"], rank, world)
-    loader = make_loader(dataset, [b for b, _ in batches], cfg["decode_workers"], pad_id, ref_logps)
-    scorer.eval()
-    sums, by_category = {}, {}
-    for (_, real), batch in zip(batches, loader):
-        with autocast:
-            *policy, nc, nr = pair_logps(scorer, batch, device)
-            ref = batch["ref"].to(device).unbind(1) if ref_scorer is None else pair_logps(ref_scorer, batch, device)[:2]
+    sums, hits = {}, {}
+    for real, batch in scan(scorer, dataset, list(range(len(dataset))), cfg, rank, world, pad_id, ref_logps):
+        policy, ref, counts = score(scorer, ref_scorer, batch, device, autocast)
         weights = batch["weights"].to(device) * real
-        _, s, correct = batch_loss(policy, ref, (nc, nr), weights, cfg)
+        _, s, correct = batch_loss(policy, ref, counts, weights, cfg)
         for k, v in s.items():
             sums[k] = sums.get(k, 0.0) + v
         for cat, ok, w in zip(batch["categories"], correct.tolist(), weights.tolist()):
             if w:
-                by_category.setdefault(cat, [0.0, 0])
-                by_category[cat] = [by_category[cat][0] + ok, by_category[cat][1] + 1]
-    scorer.train()
-    reshard(scorer)
+                hits.setdefault(cat, []).append(ok)
     total = reduce_sums(sums, world, device) if sums else {}
+    mine = {cat: (sum(oks), len(oks)) for cat, oks in hits.items()}
+    parts = [mine] if world == 1 else [None] * world
     if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, by_category)
-        by_category = {}
-        for part in gathered:
-            for cat, (ok, n) in part.items():
-                prev = by_category.get(cat, [0.0, 0])
-                by_category[cat] = [prev[0] + ok, prev[1] + n]
+        dist.all_gather_object(parts, mine)
+    by_category = {}
+    for part in parts:
+        for cat, (ok, n) in part.items():
+            prev = by_category.get(cat, (0.0, 0))
+            by_category[cat] = (prev[0] + ok, prev[1] + n)
     n = max(total.get("pairs", 0.0), 1.0)
     out = {f"eval_{k}": total.get(k, 0.0) / n for k in METRICS}
     out["eval_pairs"] = int(total.get("pairs", 0))
@@ -626,6 +603,75 @@ def check_config(cfg):
         raise ValueError("bad config: " + "; ".join(problems))
 
 
+def load_pairs(cfg, tok, vlm, world, master):
+    """Validate every pair before any step (report to out_dir/validation.json) and hold out the last eval_pairs.
+    Returns (all items, train items, eval items, global batch in pairs, total optimizer steps)."""
+    root = cfg["video_root"] or os.path.dirname(os.path.abspath(cfg["pairs"]))
+    items, report = validate_pairs(cfg["pairs"], tok, vlm.config.family, vlm.num_video_tokens(cfg["num_frames"]),
+                                   cfg["max_len"], root, cfg["strict"])
+    if master:
+        print(f"pairs: {report['kept']} kept ({report['truncated']} with truncated responses), dropped "
+              f"{ {k: v for k, v in report['dropped'].items() if v} }")
+        with open(os.path.join(cfg["out_dir"], "validation.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    n_train = len(items) - cfg["eval_pairs"]
+    train_items, eval_items = items[:n_train], items[n_train:]
+    global_batch = world * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+    if len(train_items) < global_batch:
+        raise ValueError(f"{len(train_items)} training pairs are fewer than one global batch of {global_batch} "
+                         f"(world x batch_size x gradient_accumulation_steps); lower those or add pairs")
+    total = cfg["max_iters"] or cfg["epochs"] * (len(train_items) // global_batch)
+    return items, train_items, eval_items, global_batch, total
+
+
+def resume(scorer, optimizer, ckpt, global_batch, n_train, rank, device):
+    """Optimizer state and this rank's RNG from ckpt (same global batch and training pairs); -> its step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    with open(os.path.join(ckpt, "train_state.json")) as f:
+        state = json.load(f)
+    if state["global_batch"] != global_batch or state["train_pairs"] != n_train:
+        raise ValueError(f"{ckpt} was trained with a global batch of {state['global_batch']} pairs over "
+                         f"{state['train_pairs']} training pairs, this run has {global_batch} over {n_train}; resume "
+                         f"with the same world x batch_size x gradient_accumulation_steps and the same valid pairs "
+                         f"(see validation.json), or start in a fresh out_dir")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optim = {"optim": get_optimizer_state_dict(scorer, optimizer)}
+        dcp.load(optim, checkpoint_id=os.path.join(ckpt, "optim"))
+    set_optimizer_state_dict(scorer, optimizer, optim["optim"])
+    rng_path = os.path.join(ckpt, f"rng-rank{rank}.pt")
+    if os.path.isfile(rng_path):  # absent for a rank the saving run did not have
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
+
+
+def accumulate(scorer, ref_scorer, loader, cfg, world, device, autocast, step, errors_path):
+    """Forward + backward of one optimizer step's gradient_accumulation_steps micro-batches; unreadable videos are
+    appended to errors_path. Returns (metric sums, the ids of the pairs seen)."""
+    accum, sums, ids = cfg["gradient_accumulation_steps"], {}, []
+    for m in range(accum):
+        batch = next(loader)
+        ids += batch["ids"]
+        if batch["errors"]:
+            with open(errors_path, "a") as f:
+                f.writelines(json.dumps(dict(step=step + 1, **e)) + "\n" for e in batch["errors"])
+        sync = m == accum - 1  # all-reduce / reduce-scatter gradients only on the last micro step
+        if cfg["fsdp"]:
+            scorer.set_requires_gradient_sync(sync)
+        no_sync = scorer.no_sync() if world > 1 and not cfg["fsdp"] and not sync else contextlib.nullcontext()
+        with no_sync:
+            policy, ref, counts = score(scorer, ref_scorer, batch, device, autocast)
+            loss, s, _ = batch_loss(policy, ref, counts, batch["weights"].to(device), cfg)
+            (loss / accum).backward()
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return sums, ids
+
+
 def train(cfg):
     """The whole run for one process (under torchrun: one rank). Returns a summary dict."""
     from configurator import save_config
@@ -647,28 +693,12 @@ def train(cfg):
     vlm = scorer.vlm
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and not cfg["fsdp"] \
         else contextlib.nullcontext()  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
-
-    # ---- data: validate everything before any step
-    root = cfg["video_root"] or os.path.dirname(os.path.abspath(cfg["pairs"]))
-    family, n_video = vlm.config.family, vlm.num_video_tokens(cfg["num_frames"])
-    items, report = validate_pairs(cfg["pairs"], tok, family, n_video, cfg["max_len"], root, cfg["strict"])
-    if master:
-        print(f"pairs: {report['kept']} kept ({report['truncated']} with truncated responses), dropped "
-              f"{ {k: v for k, v in report['dropped'].items() if v} }")
-        with open(os.path.join(out_dir, "validation.json"), "w") as f:
-            json.dump(report, f, indent=2)
-    n_eval = cfg["eval_pairs"]
-    train_items, eval_items = items[:len(items) - n_eval], items[len(items) - n_eval:] if n_eval else []
-    global_batch = world * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
-    if len(train_items) < global_batch:
-        raise ValueError(f"{len(train_items)} training pairs are fewer than one global batch of {global_batch} "
-                         f"(world x batch_size x gradient_accumulation_steps); lower those or add pairs")
-    total = cfg["max_iters"] or cfg["epochs"] * (len(train_items) // global_batch)
+    items, train_items, eval_items, global_batch, total = load_pairs(cfg, tok, vlm, world, master)
     pad_id = tok.pad_id if tok.pad_id not in (None, vlm.config.video_token_id) else 0
-    frames = functools.partial(PairFrames, num_frames=cfg["num_frames"], family=family,
+    frames = functools.partial(PairFrames, num_frames=cfg["num_frames"], family=vlm.config.family,
                                image_size=vlm.config.vision.image_size)
 
-    # ---- reference log-probs
+    # ---- reference log-probs: a live frozen copy, or computed once before the first step
     ref_scorer, ref_logps = None, None
     if cfg["ref"] == "live":
         ref_scorer = build_scorer(cfg["init_from"], cfg, device, trainable=False)
@@ -681,33 +711,16 @@ def train(cfg):
             raise ValueError(f"{len(missing)} pairs (e.g. {missing[:3]}) have no reference log-probs in {out_dir} "
                              f"but training already started there; restore them or start in a fresh out_dir")
 
-    # ---- wrap, optimizer, resume
+    # ---- wrap, optimizer, resume, logs
     if world > 1 and not cfg["fsdp"]:
         scorer = nn.parallel.DistributedDataParallel(scorer, device_ids=[device] if device.type == "cuda" else None)
     params = [p for p in scorer.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg["weight_decay"]),
               dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=cfg["learning_rate"], fused=device.type == "cuda")
-    start = 0
-    if ckpt:
-        load_optimizer(scorer, optimizer, ckpt)
-        with open(os.path.join(ckpt, "train_state.json")) as f:
-            state = json.load(f)
-        if state["global_batch"] != global_batch or state["train_pairs"] != len(train_items):
-            raise ValueError(f"{ckpt} was trained with a global batch of {state['global_batch']} pairs over "
-                             f"{state['train_pairs']} training pairs, this run has {global_batch} over "
-                             f"{len(train_items)}; resume with the same world x batch_size x "
-                             f"gradient_accumulation_steps and the same valid pairs (see validation.json), or start in "
-                             f"a fresh out_dir")
-        start = state["step"]
-        rng = torch.load(os.path.join(ckpt, f"rng-rank{rank}.pt"), weights_only=True) \
-            if os.path.isfile(os.path.join(ckpt, f"rng-rank{rank}.pt")) else None
-        if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"])
-        if master:
-            print(f"resuming from {ckpt} at step {start}")
+    start = resume(scorer, optimizer, ckpt, global_batch, len(train_items), rank, device) if ckpt else 0
+    if ckpt and master:
+        print(f"resuming from {ckpt} at step {start}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master:  # drop what was logged after the checkpoint we resume from: it is about to be redone
         resumed = ckpt and os.path.isfile(metrics_path)
@@ -735,42 +748,22 @@ def train(cfg):
         log(dict(step=step, **out))
         return out
 
-    # ---- the loop
+    # ---- the step loop
     batches = train_batches(len(train_items), total, start, cfg, world, rank)
     loader = iter(make_loader(frames(train_items), batches, cfg["decode_workers"], pad_id, ref_logps,
                               pin=device.type == "cuda"))
-    stop = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1)) if is_main_thread() else None
-    accum, last, errors_path = cfg["gradient_accumulation_steps"], {}, os.path.join(out_dir, f"errors.r{rank}.jsonl")
+    stop = []  # SIGTERM (preemption) sets it; the step in flight finishes, is saved, and the run returns
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may install a signal handler
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1)) if main_thread else None
+    last, errors_path = {}, os.path.join(out_dir, f"errors.r{rank}.jsonl")
     try:
         for step in range(start, total):
             lr = get_lr(step, cfg, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            t0, sums, ids = time.time(), {}, []
-            for m in range(accum):
-                batch = next(loader)
-                ids += batch["ids"]
-                if batch["errors"]:
-                    with open(errors_path, "a") as f:
-                        f.writelines(json.dumps(dict(step=step + 1, **e)) + "\n" for e in batch["errors"])
-                sync = m == accum - 1  # all-reduce / reduce-scatter gradients only on the last micro step
-                if cfg["fsdp"]:
-                    scorer.set_requires_gradient_sync(sync)
-                no_sync = scorer.no_sync() if world > 1 and not cfg["fsdp"] and not sync else contextlib.nullcontext()
-                with no_sync:
-                    with autocast:
-                        *policy, nc, nr = pair_logps(scorer, batch, device)
-                        if ref_scorer is not None:
-                            with torch.no_grad():
-                                ref = pair_logps(ref_scorer, batch, device)[:2]
-                        else:
-                            ref = batch["ref"].to(device).unbind(1)
-                    loss, s, _ = batch_loss(policy, ref, (nc, nr), batch["weights"].to(device), cfg)
-                    (loss / accum).backward()
-                for k, v in s.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            sums["stop"] = float(bool(stop))
+            t0 = time.time()
+            sums, ids = accumulate(scorer, ref_scorer, loader, cfg, world, device, autocast, step, errors_path)
+            sums["stop"] = float(bool(stop))  # summed over ranks: all stop at the same step
             mine_finite = math.isfinite(float(sums["loss"]))
             total_sums = reduce_sums(sums, world, device)
             if not math.isfinite(total_sums["loss"]):
@@ -825,10 +818,6 @@ def check_replicas(params, world, master):
     if master:
         print(f"weights identical on {world} ranks")
 
-
-def is_main_thread():
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":
