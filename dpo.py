@@ -133,7 +133,7 @@ def truncate_responses(P, chosen, rejected, max_len):
 def encode_pair(record, tok, family, n_video_tokens, max_len, video_root):
     """One pairs record -> (item dict, None) or (None, reason). Responses end with the family's end token."""
     from tokenizer import chat_prompt
-    if not all(isinstance(record.get(k), str) for k in FIELDS):
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in FIELDS):
         return None, "missing_field"
     texts = [record["prompt"], record["chosen"], record["rejected"]]
     if any(s in t for t in texts for s in tok.special):  # "<video>" or "<|im_end|>" in data would forge control ids
@@ -178,8 +178,7 @@ def validate_pairs(path, tok, family, n_video_tokens, max_len, video_root, stric
                 continue
             try:
                 record = json.loads(line)
-                item, reason = (None, "missing_field") if not isinstance(record, dict) else \
-                    encode_pair(record, tok, family, n_video_tokens, max_len, video_root)
+                item, reason = encode_pair(record, tok, family, n_video_tokens, max_len, video_root)
             except (json.JSONDecodeError, UnicodeError):
                 item, reason = None, "bad_json"  # includes a torn last line
             if item is not None and item["id"] in seen:
@@ -414,6 +413,11 @@ def setup_distributed(device):
     return rank, world, device
 
 
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
 def build_scorer(path, cfg, device, trainable):
     """VLM from `path` (fp32) wrapped in a PairScorer; frozen parts per cfg; FSDP2 when cfg['fsdp']."""
     from model import VLM
@@ -466,8 +470,8 @@ def export_hf(scorer, path, cfg, rank):
 
 
 def latest_checkpoint(out_dir):
-    names = [os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(out_dir, "ckpt-*", "train_state.json"))]
-    steps = [int(n.removeprefix("ckpt-")) for n in names if n.removeprefix("ckpt-").isdigit()]
+    done = glob.glob(os.path.join(out_dir, "ckpt-*", "train_state.json"))
+    steps = [int(s) for s in (os.path.basename(os.path.dirname(p)).removeprefix("ckpt-") for p in done) if s.isdigit()]
     return os.path.join(out_dir, f"ckpt-{max(steps)}") if steps else None
 
 
@@ -497,11 +501,6 @@ def save_checkpoint(scorer, optimizer, state, cfg, rank, world):
         for old in done[:-cfg["keep_checkpoints"]] if cfg["keep_checkpoints"] > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier(world)
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
 
 # -----------------------------------------------------------------------------
 # training
