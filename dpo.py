@@ -830,6 +830,8 @@ if __name__ == "__main__":
             run_bench(config)
         else:
             train(config)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while a peer still talks to it (a SIGABRT at exit otherwise)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
