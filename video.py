@@ -131,9 +131,7 @@ def read_frames(path, num_frames, max_side=1024, seek_gap=2.0):
 
 def _read(container, stream, path, num_frames, max_side, seek_gap):
     tb = stream.time_base                              # seconds per timestamp unit (Fraction)
-    # slice threads only: frame threads must refill their pipeline after every seek (32 seeks on a 5-min clip:
-    # 6.0x -> 8-9x faster than decode-all, tests/bench_describe.py); decode-all keeps AUTO, its best setting
-    stream.codec_context.thread_type = "SLICE"
+    stream.codec_context.thread_type = "AUTO"          # frame + slice threads; seeking flushes them
     start = stream.start_time or 0
     duration = max(_duration(container, stream), 0)
     # segment midpoints, in stream timestamp units: start + (2i+1)·D/(2N)
