@@ -459,7 +459,6 @@ if __name__ == "__main__":
 
     import tokenizers
     import transformers
-    from data.demo.tokenizer import CHATML_SPECIALS, QWEN2_PATTERN
 
     root = os.path.join(os.path.dirname(transformers.__file__), "models")
     docs, size = [], 0
@@ -478,16 +477,8 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1:
         path = sys.argv[1]
     else:
-        from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
-        hf = tokenizers.Tokenizer(models.BPE())
-        hf.normalizer = normalizers.NFC()
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        hf.decoder = decoders.ByteLevel()
-        hf.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=32000, show_progress=False,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        hf.add_special_tokens(list(CHATML_SPECIALS))
+        from tests.tiny import train_qwen2_tokenizer
+        hf = train_qwen2_tokenizer(docs, vocab_size=32000)
         path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
         hf.save(path)
     ours, theirs = Tokenizer.from_pretrained(path), tokenizers.Tokenizer.from_file(path)

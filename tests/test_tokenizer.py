@@ -14,7 +14,8 @@ import unicodedata
 
 import pytest
 
-from data.demo.tokenizer import CHAT_TEMPLATES, CHATML_SPECIALS, QWEN2_PATTERN, train_byte_bpe, write_tokenizer
+from data.demo.tokenizer import CHAT_TEMPLATES, CHATML_SPECIALS, train_byte_bpe, write_tokenizer
+from tests.tiny import train_qwen2_tokenizer
 from tokenizer import Tokenizer, chat_prompt
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -60,17 +61,7 @@ def mismatches(ours, theirs, texts):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tokenizers-trained Qwen2-style byte-level BPE with ChatML specials, written as a checkpoint dir."""
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
-    tk = tokenizers.Tokenizer(models.BPE())
-    tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1200, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(TRAIN + corpus(200, seed=7), trainer)  # a vocab that covers much of the test text
-    tk.add_special_tokens(list(CHATML_SPECIALS))  # like Qwen2: specials right after the BPE vocab
+    tk = train_qwen2_tokenizer(TRAIN + corpus(200, seed=7), vocab_size=1200)  # covers much of the test text
     d = tmp_path_factory.mktemp("trained")
     tk.save(str(d / "tokenizer.json"))
     n = tk.get_vocab_size()

@@ -102,6 +102,25 @@ def make_tiny_checkpoint(path, family="llava_onevision", tie=True, seed=0, token
 LLAMA_BYTES = [f"<0x{b:02X}>" for b in range(256)]
 
 
+def train_qwen2_tokenizer(texts, vocab_size):
+    """A `tokenizers` Tokenizer in Qwen2's structure (NFC, Qwen2 split regex + ByteLevel, the full byte alphabet),
+    trained on `texts`, with the ChatML specials added right after the BPE vocab as in Qwen2."""
+    import tokenizers
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from data.demo.tokenizer import CHATML_SPECIALS, QWEN2_PATTERN
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.add_special_tokens(list(CHATML_SPECIALS))
+    return tk
+
+
 def train_llama_tokenizer(texts, vocab_size=400, limit_alphabet=40, split_words=True):
     """A Llama-structured tokenizer.json dict: BPE(unk, byte_fallback, fuse_unk), <unk>,<s>,</s>,<0x00>..<0xFF> as
     ids 0..258, a small alphabet (other characters fall back to bytes), Metaspace(prepend_scheme="first") trained
