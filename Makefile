@@ -31,8 +31,8 @@ demo-steps:
 	$(PY) data/demo/prepare.py --out=$(DEMO) --num_videos=$(DEMO_VIDEOS)
 	$(PY) describe.py config/describe_demo.py --model=$(DEMO)/model --videos=$(DEMO)/videos \
 		--out=$(DEMO)/descriptions.jsonl --temperature=1.0 --progress=False
-	$(PY) generate_pairs.py config/pairs_offline.py --descriptions=$(DEMO)/descriptions.jsonl --out=$(DEMO)/pairs.jsonl
-	$(PY) bench.py --split_pairs=$(DEMO)/pairs.jsonl --test_fraction=0.25
+	$(PY) generate_pairs.py config/pairs_offline.py --descriptions=$(DEMO)/descriptions.jsonl --out=$(DEMO)/pairs.jsonl \
+		--split=0.25
 	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \
 		--video_root=$(DEMO)/videos --model=$(DEMO)/model --out_dir=$(DEMO)/bench_base --progress=False
 	$(PY) dpo.py config/tiny.py --init_from=$(DEMO)/model --pairs=$(DEMO)/pairs.train.jsonl --video_root=$(DEMO)/videos \

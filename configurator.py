@@ -12,16 +12,17 @@ executed) or `--key=value` overrides, applied left to right. Fixed against nanoG
 - a config path is tried as given, then relative to this repository (so `config/tiny.py` works from any directory).
 `print_config` / `save_config` mask secrets, so an API key never reaches a log or a config dump.
 
-The bottom of the file holds the other half of every script's I/O contract (shared/DESIGN.md, reliability): outputs
-are append-only JSONL, flushed per record, that a rerun reads back to skip finished ids, tolerating the torn last
-line a kill leaves (`repair_tail`, `iter_jsonl`, `read_jsonl`, `stable_hash`). They live here, beside the config
-dump, so that each script imports one small helper module and no script imports another.
+`main` is the skeleton every script and importer runs under `if __name__ == "__main__":`, so they all behave alike:
+DEFAULTS -> configure -> print (secrets masked) -> save config -> run -> summary -> exit code, with the exit codes
+below (the README's troubleshooting table lists them).
 """
 import ast
-import hashlib
-import json
 import os
 import re
+import sys
+import time
+
+from records import write_json
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # names that hold credentials: api_key, openai_key, hf_token, secret, password (not max_new_tokens or key_frames)
@@ -112,62 +113,102 @@ def print_config(config):
 
 def save_config(config, path):
     """Write the resolved config (secrets masked) as JSON beside a script's output; atomic."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(masked(config), f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_json(path, dict(sorted(masked(config).items())))
+
+
+def repo_path(path):
+    """A data path from a config (data/taxonomy.json, data/prompts): as given if it exists, else relative to this
+    repository, so scripts run from any directory."""
+    if not path or os.path.exists(path) or os.path.isabs(path):
+        return path
+    candidate = os.path.join(REPO, path)
+    return candidate if os.path.exists(candidate) else path
 
 
 # -----------------------------------------------------------------------------
-# outputs: append-only JSONL that survives a kill
+# the script skeleton
+
+EXIT_OK = 0  # everything asked was done (items recorded as permanently bad, e.g. a corrupt video, count as done)
+EXIT_CRASH = 1  # an unexpected exception (a bug): Python's traceback
+EXIT_CONFIG = 2  # a configuration, input or credential error, found before the work it would spoil: fix, rerun
+EXIT_INCOMPLETE = 3  # items are left for a rerun (endpoint failures, a preempted run): rerun the same command
 
 
-def repair_tail(path):
-    """Truncate a torn last line (a kill mid-write) so appends start on a fresh line. Reads only the file's tail."""
-    if not path or not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        end = pos = f.seek(0, os.SEEK_END)
-        while pos > 0:
-            step = min(pos, 1 << 16)
-            f.seek(pos - step)
-            chunk = f.read(step)
-            if pos == end and chunk.endswith(b"\n"):
-                return  # intact
-            k = chunk.rfind(b"\n")
-            if k >= 0:
-                f.truncate(pos - step + k + 1)
-                return
-            pos -= step
-        f.truncate(0)  # a single torn line and nothing else
+def defaults_of(namespace):
+    """A script's DEFAULTS: its lower-case module globals of a config type (the commented block at its top)."""
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and k.islower()
+            and isinstance(v, (int, float, bool, str))}
 
 
-def iter_jsonl(path, required=()):
-    """Records of a JSONL file, streamed. An unparseable unterminated last line (torn by a kill) is skipped; any other
-    bad line, or a record lacking a `required` field, is an error naming the file and line."""
-    if not path or not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                if not line.endswith("\n"):
-                    return  # the last line, torn
-                raise ValueError(f"{path}:{i + 1} is not valid JSON; fix or remove that line")
-            missing = [k for k in required if not isinstance(rec, dict) or k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{i + 1} lacks required fields {missing}")
-            yield rec
+def main(name, defaults, run, argv, paths):
+    """Configure, print and save the config, run, write the summary, return the exit code. `run(config)` returns the
+    summary dict, with "status" "done" or "incomplete" (items left for a rerun), or None on ranks other than 0;
+    `paths(config)` -> (config path, summary path) (None: not written). Errors a user can cause (ValueError,
+    FileNotFoundError, or any exception with an `exit_code` attribute, e.g. llm's credential errors) end in one line
+    on stderr, the summary saying so, and their code; anything else is a bug and keeps its traceback."""
+    master = int(os.environ.get("RANK", 0)) == 0
+    try:
+        config = configure(defaults, argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    config_path, summary_path = paths(config)
+    if master:
+        print(f"{name} config:")
+        print_config(config)
+        if config_path:
+            save_config(config, config_path)
+    failed = True
+    try:
+        summary = run(config)
+        code = EXIT_OK if summary is None or summary.get("status", "done") == "done" else EXIT_INCOMPLETE
+        failed = False
+    except Exception as e:
+        code = getattr(e, "exit_code", EXIT_CONFIG if isinstance(e, (ValueError, FileNotFoundError)) else None)
+        if code is None:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        summary = dict(status="config_error" if code == EXIT_CONFIG else "incomplete", error=str(e))
+    finally:
+        _teardown_distributed(failed)
+    if master and summary is not None and summary_path:
+        write_json(summary_path, dict(summary, exit_code=code))
+    if master and code:
+        print(f"{name}: exit code {code} ({'work left for a rerun' if code == EXIT_INCOMPLETE else 'not run'})")
+    return code
 
 
-def read_jsonl(path, required=()):
-    return list(iter_jsonl(path, required))
+class Progress:
+    """Progress with rate and ETA on rank 0: a tqdm bar on a terminal, one line per `every` seconds in a log."""
+
+    def __init__(self, name, total, unit, enabled=True, every=30.0):
+        self.name, self.total, self.unit, self.every, self.done = name, total, unit, every, 0
+        self.bar, self.on = None, enabled
+        self.t0 = self.last = time.time()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit=unit, desc=name, dynamic_ncols=True)
+
+    def update(self, n=1):
+        self.done = min(self.total, self.done + n)
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.on and time.time() - self.last >= self.every:
+            self.last, dt = time.time(), time.time() - self.t0
+            rate = self.done / max(dt, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            print(f"{self.name}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, ETA {eta / 60:.1f} min",
+                  flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
-def stable_hash(*parts):
-    """A hex digest that is the same in every process and run (Python's hash() is salted per process)."""
-    return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()
+def _teardown_distributed(failed):
+    """Under torchrun: ranks meet before gloo/NCCL goes down (a peer still talking to it aborts otherwise)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        if not failed:
+            dist.barrier()
+        dist.destroy_process_group()

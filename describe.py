@@ -11,7 +11,7 @@ against `video_root` ("" = the directory itself for a directory input, the curre
 record's `video` is its path relative to `video_root` (absolute when outside it) and its `id` the first 16 hex
 digits of sha1(video), so the same file always gets the same id.
 
-Outputs (DESIGN.md): `out` gets {id, video, description, num_frames, unique_frames, model} per described video,
+Outputs: `out` gets {id, video, description, num_frames, unique_frames, model} per described video,
 appended and flushed per record; failures go to `<out>.errors.jsonl` as {id, video, error, reason}, `reason` one of
 video.REASONS (not_found, empty_file, open_error, no_video_stream, decode_error, truncated, no_frames) or
 decode_timeout (a decode that ran past `decode_timeout` s, its worker killed), decode_crash (the worker died, e.g.
@@ -37,20 +37,16 @@ Scale: under torchrun, rank r takes every world_size-th id of the sorted list an
 `<errors>.rank{r}`); after all ranks finish, rank 0 folds the parts into `out` / errors (skipping ids already
 there, so a merge interrupted halfway is finished by the next run) and removes them. Progress bar on rank 0.
 """
-import glob
-import hashlib
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from collections import Counter
-from multiprocessing import connection
 
 import torch
 
-from configurator import configure, iter_jsonl, print_config, repair_tail, save_config
+from configurator import defaults_of, main, repo_path
+from records import Writer, merge_parts, part_path, read_ids, video_id
 
 # ---------------------------------------------------------------------------------------------------------------
 # config: defaults, overridden by config/*.py and --key=value
@@ -74,17 +70,10 @@ decode_timeout = 120.0  # seconds one video may take to decode before its worker
 retry_errors = False  # True: try ids already in the errors file again
 progress = True  # tqdm bar with rate and ETA on rank 0
 # ---------------------------------------------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and k.islower()
-            and isinstance(v, (int, float, bool, str))}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULTS = defaults_of(globals())
 
 # ---------------------------------------------------------------------------------------------------------------
 # inputs
-
-
-def video_id(video):
-    """Deterministic id of a video from its path relative to video_root (posix separators)."""
-    return hashlib.sha1(video.encode("utf-8")).hexdigest()[:16]
 
 
 def _item(path, root):
@@ -141,8 +130,7 @@ def find_videos(videos, video_root="", extensions=DEFAULTS["extensions"]):
 
 def load_prompt(path):
     """The prompt text; a relative path is tried as given, then inside this repository (the default works anywhere)."""
-    if not os.path.isfile(path) and not os.path.isabs(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    path = repo_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} not found; --prompt must name a text file (the user turn)")
     with open(path, encoding="utf-8") as f:
@@ -152,221 +140,12 @@ def load_prompt(path):
     return text
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# append-only JSONL: torn-line repair, streamed reads, resume state, part files
-
-
-def part_paths(path):
-    """Part files that ranks write beside `path` (any world size, including a killed run's)."""
-    return sorted(glob.glob(glob.escape(path) + ".rank*"))
-
-
 def errors_path(out_path):
     return out_path + ".errors.jsonl"
 
 
-def read_ids(path):
-    """Ids in `path` and in its part files."""
-    return {rec["id"] for p in [path] + part_paths(path) for rec in iter_jsonl(p, required=("id",))}
-
-
-def merge_parts(path):
-    """Append to `path` every record of its part files whose id it lacks, then remove the parts. Idempotent: a merge
-    killed halfway leaves the parts, and the next merge skips what already made it. Returns records added."""
-    parts = part_paths(path)
-    if not parts:
-        return 0
-    repair_tail(path)
-    seen, added = {rec["id"] for rec in iter_jsonl(path, required=("id",))}, 0
-    with open(path, "a", encoding="utf-8") as f:
-        for part in parts:
-            for rec in iter_jsonl(part, required=("id",)):
-                if rec["id"] not in seen:
-                    seen.add(rec["id"])
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    added += 1
-        f.flush()
-        os.fsync(f.fileno())  # the parts are deleted next: their records must be on disk first
-    for part in parts:
-        os.remove(part)
-    return added
-
-
-class JsonlWriter:
-    """Append-only JSONL, one flushed line per record, at most one line per id (ids already in the file skipped)."""
-
-    def __init__(self, path, existing_ids=()):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        repair_tail(path)
-        self.path, self.ids = path, set(existing_ids)
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, rec):
-        if rec["id"] in self.ids:
-            return
-        self.ids.add(rec["id"])
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.f.flush()  # a kill loses nothing written so far
-
-    def close(self):
-        self.f.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# decoding: background worker processes with a per-video timeout
-
-
-def decode_video(path, num_frames, family, image_size, max_side):
-    """One video -> (pixel_values float32 numpy (num_frames, 3, S, S), unique_frames). Runs in a worker process."""
-    from video import preprocess, read_frames
-    frames, info = read_frames(path, num_frames, max_side=max_side)
-    return preprocess(frames, family, image_size).numpy(), info["unique_frames"]
-
-
-def _decode_one(decode_fn, path, decode_args):
-    """("ok", result) or ("error", reason, message): what a worker sends back for one video."""
-    from video import VideoError
-    try:
-        return ("ok", decode_fn(path, *decode_args))
-    except VideoError as e:
-        return ("error", e.reason, str(e))
-    except Exception as e:  # PyAV can raise anything on a hostile file: one video's problem, not the run's
-        return ("error", "unexpected_error", f"{type(e).__name__}: {e}")
-
-
-def _worker(conn, decode_fn, decode_args):
-    """Worker process: decode each path received on `conn`, send the result back; exit on None or a closed pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it kills us
-    try:  # die with our parent (the forkserver, which exits with the main process), even while hung in FFmpeg
-        import ctypes
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    torch.set_num_threads(1)  # several workers beside the model: do not oversubscribe the cores
-    while True:
-        try:
-            path = conn.recv()
-        except (EOFError, OSError):
-            return
-        if path is None:
-            return
-        # a pipe per worker, written synchronously: a worker killed mid-send corrupts only its own pipe
-        try:
-            conn.send(_decode_one(decode_fn, path, decode_args))
-        except OSError:  # the main process is gone
-            return
-
-
-def decode_inline(items, decode_fn, decode_args):
-    """The baseline: decode in this process, one video after another. Yields (item, message) like DecodePool."""
-    for item in items:
-        yield item, _decode_one(decode_fn, item["path"], decode_args)
-
-
-class DecodePool:
-    """Decode `items` in `workers` background processes, fed by a thread of this process, so decoding goes on while
-    the caller generates (and while it loads the model: work starts at construction). Iterate for (item, message)
-    in completion order, message ("ok", result) or ("error", reason, text). At most `capacity` videos are in flight
-    or waiting to be consumed (memory bound). A worker busy past `timeout` seconds is killed and replaced
-    ("decode_timeout"); one that dies is replaced too ("decode_crash"). close() stops everything."""
-
-    def __init__(self, items, decode_fn, decode_args, workers=2, timeout=120.0, capacity=8):
-        import multiprocessing
-        import queue
-        # forkserver: workers fork from a clean single-threaded server, not from this process (threads, CUDA, torch
-        # thread pools), and each starts in milliseconds once the server has imported torch and PyAV
-        self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["__main__", "video"] + ([__name__] if __name__ != "__main__" else []))
-        self.items, self.decode_fn, self.decode_args = items, decode_fn, decode_args
-        self.workers, self.timeout, self.capacity = workers, timeout, capacity
-        self.results, self.stop = queue.Queue(), threading.Event()
-        self.thread = threading.Thread(target=self._manage, name="decode-manager", daemon=True)
-        self.thread.start()
-
-    def __iter__(self):
-        while True:
-            got = self.results.get()
-            if got is None:
-                return
-            if isinstance(got, BaseException):
-                raise got
-            yield got
-
-    def close(self):
-        self.stop.set()
-        self.thread.join()
-
-    def _start(self):
-        parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker, args=(child, self.decode_fn, self.decode_args), daemon=True)
-        proc.start()
-        child.close()  # so a dead worker reads as EOF on our end
-        return {"proc": proc, "conn": parent, "item": None, "since": 0.0}
-
-    def _retire(self, w, reason, text):
-        """Kill worker `w`, record its video as failed with `reason`, return a fresh worker."""
-        w["proc"].kill()
-        w["proc"].join()
-        w["conn"].close()
-        self.results.put((w["item"], ("error", reason, text)))
-        return self._start()
-
-    def _manage(self):
-        pool, results, timeout = [], self.results, self.timeout
-        try:
-            pool = [self._start() for _ in range(self.workers)]
-            todo, exhausted = iter(self.items), False
-            while not self.stop.is_set():
-                for w in pool:  # feed idle workers while the memory bound allows
-                    busy = sum(x["item"] is not None for x in pool)
-                    if w["item"] is None and not exhausted and results.qsize() + busy < self.capacity:
-                        w["item"] = next(todo, None)
-                        if w["item"] is None:
-                            exhausted = True
-                        else:
-                            w["conn"].send(w["item"]["path"])
-                            w["since"] = time.monotonic()
-                busy = [w for w in pool if w["item"] is not None]
-                if exhausted and not busy:
-                    break
-                if not busy:
-                    self.stop.wait(0.01)  # the consumer is behind: wait for it to take results
-                    continue
-                wait_s = min(w["since"] for w in busy) + timeout - time.monotonic()
-                ready = set(connection.wait([w["conn"] for w in busy], timeout=min(max(wait_s, 0), 0.05)))
-                for i, w in enumerate(pool):
-                    if w["conn"] in ready:  # a result, or EOF from a worker that died
-                        try:
-                            message = w["conn"].recv()
-                        except (EOFError, OSError):
-                            w["proc"].join(5)
-                            pool[i] = self._retire(w, "decode_crash", f"the decode worker died (exit code "
-                                                                      f"{w['proc'].exitcode}) on this video")
-                            continue
-                        results.put((w["item"], message))
-                        w["item"] = None
-                    elif w["item"] is not None and time.monotonic() - w["since"] > timeout:
-                        pool[i] = self._retire(w, "decode_timeout", f"decoding took longer than {timeout:g} s; "
-                                               "worker killed (raise --decode_timeout if the video is fine)")
-            results.put(None)
-        except BaseException as e:  # surfaces in the consumer
-            results.put(e)
-        finally:
-            for w in pool:
-                w["proc"].kill()
-                w["proc"].join()
-                w["conn"].close()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # generation
-
-
-def build_prompt(tok, family, prompt_text, num_video_tokens):
-    """Prompt ids for one video: the family's chat template with the video before the text, <video> expanded."""
-    from tokenizer import chat_prompt
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt_text}]}]
-    return tok.encode_prompt(chat_prompt(family, messages), num_video_tokens)
 
 
 def describe_batch(vlm, tok, prompt_ids, pixel_values, max_new_tokens, temperature=0.0, top_p=1.0, seed=None):
@@ -424,11 +203,13 @@ def describe(stream, vlm, tok, prompt_ids, model_name, num_frames, writer, error
 
 def run(config):
     """Describe every video of config["videos"] not yet done; returns the summary dict (global, on rank 0; None on
-    the other ranks)."""
+    the other ranks). Status "done" when every video is described or recorded as failed: failures are permanent
+    until a rerun with retry_errors=True."""
     import torch.distributed as dist
 
-    from model import VLM, parse_config
+    from model import DTYPES, VLM, parse_config, setup_runtime
     from tokenizer import Tokenizer
+    from video import decode_stream
     cfg = config
     # config errors first, before any work or process group
     if cfg["dtype"] not in DTYPES:
@@ -446,16 +227,8 @@ def run(config):
     with open(os.path.join(cfg["model"], "config.json")) as f:
         model_config = parse_config(json.load(f))
     tok = Tokenizer.from_pretrained(cfg["model"])
-
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = cfg["device"]
-    if world > 1:
-        from datetime import timedelta
-        if dev.startswith("cuda"):
-            dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-            torch.cuda.set_device(dev)
-        # ranks meet only at the end, possibly hours apart: a long timeout, not the 30-minute default
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", timeout=timedelta(hours=24))
+    # ranks meet only at the end, possibly hours apart: a long timeout, not the 30-minute default
+    rank, world, device, dtype = setup_runtime(cfg["device"], cfg["dtype"], timeout_minutes=24 * 60)
 
     # resume state, then this rank's share: every world-th id of the sorted list
     out_path, err_path = cfg["out"], errors_path(cfg["out"])
@@ -463,9 +236,8 @@ def run(config):
     skip = done_ids if cfg["retry_errors"] else done_ids | failed_ids
     mine = [it for it in items[rank::world] if it["id"] not in skip]
     skipped = sum(it["id"] in skip for it in items[rank::world])
-    suffix = f".rank{rank}" if world > 1 else ""
-    writer = JsonlWriter(out_path + suffix, done_ids)
-    error_writer = JsonlWriter(err_path + suffix, failed_ids)
+    writer = Writer(part_path(out_path, rank, world), existing_ids=done_ids)
+    error_writer = Writer(part_path(err_path, rank, world), existing_ids=failed_ids)
     if rank == 0:
         print(f"{len(items)} videos; this rank: {len(mine)} to describe, {skipped} already done or failed; "
               f"{world} rank(s)")
@@ -473,16 +245,13 @@ def run(config):
     # decoding starts now, so it overlaps loading the model
     t0 = time.time()
     decode_args = (cfg["num_frames"], model_config.family, model_config.vision.image_size, cfg["max_side"])
-    if cfg["decode_workers"] > 0 and mine:
-        stream = DecodePool(mine, decode_video, decode_args, cfg["decode_workers"], cfg["decode_timeout"],
-                            capacity=2 * cfg["batch_size"] + cfg["decode_workers"])
-    else:
-        stream = decode_inline(mine, decode_video, decode_args)
+    stream = decode_stream(mine, decode_args, cfg["decode_workers"], cfg["decode_timeout"],
+                           capacity=2 * cfg["batch_size"] + cfg["decode_workers"])
     counts, bar, t1 = Counter(), None, time.time()
     try:
         if mine:  # a rerun with nothing left loads no model
-            vlm = VLM.from_pretrained(cfg["model"], device=dev, dtype=DTYPES[cfg["dtype"]]).eval()
-            prompt_ids = build_prompt(tok, model_config.family, prompt_text, vlm.num_video_tokens(cfg["num_frames"]))
+            vlm = VLM.from_pretrained(cfg["model"], device=device, dtype=dtype).eval()
+            prompt_ids = tok.video_prompt(prompt_text, vlm.num_video_tokens(cfg["num_frames"]))
             t1 = time.time()
             if rank == 0 and cfg["progress"]:
                 from tqdm import tqdm
@@ -504,33 +273,20 @@ def run(config):
         dist.all_gather_object(gathered, (dict(counts), seconds))
         counts = sum((Counter(c) for c, _ in gathered), Counter())
         seconds = max(s for _, s in gathered)
-    summary = None
-    if rank == 0:
-        merge_parts(out_path)
-        merge_parts(err_path)
-        failed = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("failed:")}
-        summary = {"videos": len(items), "done": counts["done"], "skipped": counts["skipped"],
-                   "failed": sum(failed.values()), "failed_by_reason": failed, "ranks": world,
-                   "seconds": round(seconds, 2), "load_seconds": round(t1 - t0, 2),
-                   "videos_per_s": round(counts["done"] / seconds, 3) if seconds > 0 else None}
-        with open(out_path + ".summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"done {summary['done']}, skipped {summary['skipped']} (already present), failed {summary['failed']} "
-              f"{failed or ''}, {summary['videos_per_s']} videos/s over {seconds:.1f} s -> {out_path}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    merge_parts(out_path)
+    merge_parts(err_path)
+    failed = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("failed:")}
+    summary = {"status": "done", "videos": len(items), "done": counts["done"], "skipped": counts["skipped"],
+               "failed": sum(failed.values()), "failed_by_reason": failed, "ranks": world,
+               "seconds": round(seconds, 2), "load_seconds": round(t1 - t0, 2),
+               "videos_per_s": round(counts["done"] / seconds, 3) if seconds > 0 else None}
+    print(f"done {summary['done']}, skipped {summary['skipped']} (already present), failed {summary['failed']} "
+          f"{failed or ''}, {summary['videos_per_s']} videos/s over {seconds:.1f} s -> {out_path}")
     return summary
 
 
 if __name__ == "__main__":
-    config = configure(DEFAULTS, sys.argv[1:])
-    if int(os.environ.get("RANK", 0)) == 0:
-        print("describe.py config:")
-        print_config(config)
-        save_config(config, config["out"] + ".config.json")
-    try:
-        run(config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main("describe.py", DEFAULTS, run, sys.argv[1:],
+                  lambda c: (c["out"] + ".config.json", c["out"] + ".summary.json")))

@@ -4,10 +4,10 @@ Video DPO (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs, exact an
 
     python dpo.py config/tiny.py                          # CPU, the demo's tiny model
     torchrun --nproc_per_node=8 dpo.py config/llava.py    # LLaVA-OneVision-7B on a node (FSDP2)
-    python dpo.py config/tiny.py --bench=True             # tests/bench_dpo.py: prefix sharing, fused log-probs, ref
+    python tests/bench_dpo.py config/tiny.py              # benchmarks: prefix sharing, fused log-probs, reference
 
-A pair is one sequence [prompt + video | chosen | rejected] (layout [P, C, R] of kernels.attention): the rejected
-branch restarts its positions at P and never sees the chosen branch, so the video prefix is computed once. Log-probs
+Reads as: loss -> scorer -> reference log-probs -> distributed setup -> checkpoints -> the loop. Pairs become tensors
+in packing.py: one row [prompt + video | chosen | rejected] per pair, so the video prefix is computed once. Log-probs
 come from hidden states gathered at response positions only, through kernels.fused_logprobs. Reference log-probs are
 precomputed to out_dir by default (ref="precompute"), so training holds one model.
 out_dir gets: config.json, validation.json, ref_logps.*.jsonl, metrics.jsonl, ckpt-<step>/ (HF checkpoint + optim/
@@ -31,8 +31,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import read_jsonl, repair_tail
+from configurator import Progress, defaults_of, main
 from kernels import fused_logprobs
+from packing import load_batches, validate_pairs
+from records import Writer, iter_records, read_records, write_json, write_records
 
 # -----------------------------------------------------------------------------
 # config: defaults (config/*.py and --key=value override them)
@@ -45,7 +47,8 @@ out_dir = "out/dpo"
 num_frames = 8  # frames per video, uniform in time
 max_len = 4096  # tokens of one packed pair [prompt + video | chosen | rejected]; responses are cut, never the video
 strict = False  # True: any invalid pair is an error instead of being counted and dropped
-decode_workers = 2  # DataLoader worker processes decoding frames per rank (0 = decode inline)
+decode_workers = 2  # background decode processes per rank (video.DecodePool; 0 = decode inline, no timeout)
+decode_timeout = 120.0  # seconds one video may take to decode; past it the pair gets weight 0 and is recorded
 # optimization
 batch_size = 1  # pairs per micro step per process
 gradient_accumulation_steps = 1
@@ -81,10 +84,7 @@ wandb_log = False
 wandb_project = "safevid"
 wandb_run_name = "dpo"
 seed = 1337
-bench = False  # run tests/bench_dpo.py (prefix sharing, fused log-probs, precomputed reference) instead
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-
-IGNORE_INDEX = -100
+DEFAULTS = defaults_of(globals())
 
 # -----------------------------------------------------------------------------
 # loss
@@ -106,157 +106,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     rejected = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return dict(losses=losses, rewards_chosen=chosen, rewards_rejected=rejected, rewards_margin=chosen - rejected,
                 rewards_accuracy=(chosen > rejected).float())
-
-# -----------------------------------------------------------------------------
-# data: pairs JSONL -> validated, tokenized pairs; frames decoded by DataLoader workers
-
-
-DROP_REASONS = ("bad_json", "missing_field", "duplicate_id", "invalid_text", "empty_response", "identical_responses",
-                "missing_video", "over_length")
-FIELDS = ("id", "video", "prompt", "chosen", "rejected")
-
-
-def truncate_responses(P, chosen, rejected, max_len):
-    """Cut the responses (never the prompt/video) so P + C + R <= max_len: the longer one first, down to an even
-    split of the budget. Returns (chosen, rejected, truncated) or None when not even one token each fits."""
-    budget = max_len - P
-    if budget < 2:
-        return None
-    C, R = len(chosen), len(rejected)
-    if C + R <= budget:
-        return chosen, rejected, False
-    # a response that fits in half the budget keeps its length, the other gets the rest (both cut: half each)
-    C = min(C, max(budget // 2, budget - R))
-    return chosen[:C], rejected[:budget - C], True
-
-
-def encode_pair(record, tok, family, n_video_tokens, max_len, video_root):
-    """One pairs record -> (item dict, None) or (None, reason). Responses end with the family's end token."""
-    from tokenizer import chat_prompt
-    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in FIELDS):
-        return None, "missing_field"
-    texts = [record["prompt"], record["chosen"], record["rejected"]]
-    if any(s in t for t in texts for s in tok.special):  # "<video>" or "<|im_end|>" in data would forge control ids
-        return None, "invalid_text"
-    try:
-        for t in texts:
-            t.encode("utf-8")  # lone surrogates (valid JSON escapes, invalid text) raise here
-        prompt = chat_prompt(family, [{"role": "user", "content": [{"type": "video"},
-                                                                  {"type": "text", "text": record["prompt"]}]}])
-        prompt_ids = tok.encode_prompt(prompt, n_video_tokens)
-        lead = " " if family == "llava_next_video" else ""  # "ASSISTANT:" is followed by a space, ChatML by "\n"
-        chosen = tok.encode(lead + record["chosen"]) + [tok.eos_id]
-        rejected = tok.encode(lead + record["rejected"]) + [tok.eos_id]
-    except (UnicodeError, ValueError):
-        return None, "invalid_text"
-    if not record["chosen"].strip() or not record["rejected"].strip():
-        return None, "empty_response"
-    if record["chosen"].strip() == record["rejected"].strip():
-        return None, "identical_responses"
-    video = record["video"] if os.path.isabs(record["video"]) else os.path.join(video_root, record["video"])
-    if not os.path.isfile(video):
-        return None, "missing_video"
-    cut = truncate_responses(len(prompt_ids), chosen, rejected, max_len)
-    if cut is None:
-        return None, "over_length"
-    if cut[0] == cut[1]:
-        return None, "identical_responses"  # identical after truncation: no preference left to learn
-    return dict(id=record["id"], video=video, category=record.get("category", ""), prompt_ids=prompt_ids,
-                chosen_ids=cut[0], rejected_ids=cut[1], truncated=cut[2]), None
-
-
-def validate_pairs(path, tok, family, n_video_tokens, max_len, video_root, strict=False):
-    """Read and check every pair before any training. Returns (items, report) with report = {kept, truncated,
-    dropped: {reason: count}, examples: {reason: [line numbers / ids]}}; strict raises on the first bad pair."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pairs file {path!r} not found; set --pairs to generate_pairs.py's output")
-    items, seen = [], set()
-    dropped, examples = dict.fromkeys(DROP_REASONS, 0), {}
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                item, reason = encode_pair(record, tok, family, n_video_tokens, max_len, video_root)
-            except (json.JSONDecodeError, UnicodeError):
-                item, reason = None, "bad_json"  # includes a torn last line
-            if item is not None and item["id"] in seen:
-                item, reason = None, "duplicate_id"
-            if reason is not None:
-                if strict:
-                    raise ValueError(f"{path}:{lineno}: invalid pair ({reason}); fix or remove it, or run with "
-                                     f"--strict=False to drop invalid pairs")
-                dropped[reason] += 1
-                if len(examples.setdefault(reason, [])) < 5:
-                    examples[reason].append(f"line {lineno}")
-                continue
-            seen.add(item["id"])
-            items.append(item)
-    report = dict(kept=len(items), truncated=sum(i["truncated"] for i in items), dropped=dropped, examples=examples)
-    return items, report
-
-
-class PairFrames(torch.utils.data.Dataset):
-    """Item i -> the pair with its preprocessed frames (F, 3, S, S). Runs in DataLoader workers. An unreadable video
-    gives zero frames and ok=False: the pair keeps the batch's shape but gets zero weight (and is recorded)."""
-
-    def __init__(self, items, num_frames, family, image_size):
-        self.items, self.num_frames, self.family, self.image_size = items, num_frames, family, image_size
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        from video import VideoError, preprocess, read_frames
-        item = dict(self.items[i])
-        try:
-            frames, _ = read_frames(item["video"], self.num_frames)
-            item["pixels"], item["ok"] = preprocess(frames, self.family, self.image_size), True
-        except VideoError as e:
-            S = self.image_size
-            item["pixels"], item["ok"], item["error"] = torch.zeros(self.num_frames, 3, S, S), False, str(e)
-        return item
-
-# -----------------------------------------------------------------------------
-# packing: pure functions over token ids
-
-
-def pack_pairs(items, share_prefix=True, pad_id=0):
-    """Lay out a batch of pairs for one forward. items: dicts with prompt_ids, chosen_ids, rejected_ids.
-    share_prefix: row b = prompt + chosen + rejected, layout [P, C, R], positions 0..P+C-1 then P..P+R-1.
-    else: rows 2b, 2b+1 = prompt + chosen, prompt + rejected, layout [P+C, 0, 0] (the baseline).
-    The logit at position t predicts token t+1, so response token k of a branch is predicted by the hidden state
-    just before it in that branch; the first rejected token's predecessor is the last prompt position P-1.
-    Returns input_ids, position_ids (N, T), layout (N, 3), gather (M,) flat indices into (N*T) hidden rows,
-    targets (M,), segment (M,) = 2b for chosen tokens and 2b+1 for rejected tokens of pair b."""
-    rows = []  # (ids, positions, layout, [(hidden index, target, segment)])
-    for b, it in enumerate(items):
-        p, c, r = it["prompt_ids"], it["chosen_ids"], it["rejected_ids"]
-        P, C, R = len(p), len(c), len(r)
-        assert P >= 1 and C >= 1 and R >= 1, "a pair needs a prompt and two non-empty responses"
-        chosen = [(P - 1 + k, c[k], 2 * b) for k in range(C)]
-        if share_prefix:
-            rejected = [(P - 1 if k == 0 else P + C + k - 1, r[k], 2 * b + 1) for k in range(R)]
-            positions = list(range(P + C)) + list(range(P, P + R))
-            rows.append((p + c + r, positions, [P, C, R], chosen + rejected))
-        else:
-            rejected = [(P - 1 + k, r[k], 2 * b + 1) for k in range(R)]
-            rows.append((p + c, list(range(P + C)), [P + C, 0, 0], chosen))
-            rows.append((p + r, list(range(P + R)), [P + R, 0, 0], rejected))
-    N, T = len(rows), max(len(ids) for ids, *_ in rows)
-    input_ids = torch.full((N, T), pad_id, dtype=torch.long)
-    position_ids = torch.zeros(N, T, dtype=torch.long)
-    gather, targets, segment = [], [], []
-    for n, (ids, positions, _, picks) in enumerate(rows):
-        input_ids[n, :len(ids)] = torch.tensor(ids)
-        position_ids[n, :len(ids)] = torch.tensor(positions)
-        for index, target, seg in picks:
-            gather.append(n * T + index)
-            targets.append(target)
-            segment.append(seg)
-    return dict(input_ids=input_ids, position_ids=position_ids, layout=torch.tensor([lay for _, _, lay, _ in rows]),
-                gather=torch.tensor(gather), targets=torch.tensor(targets), segment=torch.tensor(segment))
 
 # -----------------------------------------------------------------------------
 # model side: pair log-probs in one module call (so DDP / FSDP2 see one forward per micro step)
@@ -298,19 +147,6 @@ def pair_logps(scorer, batch, device):
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 
-def collate(items, share_prefix=True, pad_id=0, ref_logps=None):
-    """DataLoader items -> one batch: packed tensors, pixels (B, F, 3, S, S), ids, weights, reference log-probs."""
-    batch = pack_pairs(items, share_prefix, pad_id)
-    batch["pixels"] = torch.stack([it["pixels"] for it in items])
-    batch["ids"] = [it["id"] for it in items]
-    batch["categories"] = [it["category"] for it in items]
-    batch["weights"] = torch.tensor([float(it.get("ok", True)) for it in items])
-    batch["errors"] = [dict(id=it["id"], video=it["video"], error=it["error"]) for it in items if "error" in it]
-    if ref_logps is not None:
-        batch["ref"] = torch.tensor([ref_logps[it["id"]] for it in items])  # (B, 2) [chosen, rejected]
-    return batch
-
-
 def batch_loss(policy, ref, counts, weights, cfg):
     """Weighted mean loss over the batch's readable pairs, and metric sums. policy/ref: (chosen, rejected) (B,)."""
     (pc, pr), (rc, rr), (nc, nr) = policy, ref, counts
@@ -327,24 +163,19 @@ def batch_loss(policy, ref, counts, weights, cfg):
     return loss, sums, out["rewards_accuracy"]
 
 # -----------------------------------------------------------------------------
-# batches and reference log-probs
+# evaluation passes and reference log-probs
 
 
-def make_loader(dataset, batches, workers, pad_id, ref_logps=None, pin=False):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin,
-                                       collate_fn=functools.partial(collate, pad_id=pad_id, ref_logps=ref_logps))
-
-
-def scan(scorer, dataset, indices, cfg, rank, world, pad_id, ref_logps=None):
+def scan(scorer, load, items, indices, cfg, rank, world, ref_logps=None):
     """Yield (real, batch) over this rank's share of `indices` with the scorer in eval mode. Every rank gets the same
-    number of batches (FSDP collectives need it): a rank that runs out repeats the first index, marked not real."""
+    number of batches (FSDP collectives need it): a rank that runs out repeats the first index, marked not real.
+    `load` is packing.load_batches with this run's decode settings."""
     B, batches = cfg["batch_size"], []
     for k in range(math.ceil(len(indices) / (B * world))):
         chunk = indices[(k * world + rank) * B:(k * world + rank + 1) * B]
         batches.append((chunk, True) if chunk else (indices[:1], False))
-    loader = make_loader(dataset, [b for b, _ in batches], cfg["decode_workers"], pad_id, ref_logps)
     scorer.eval()
-    for (_, real), batch in zip(batches, loader):
+    for (_, real), batch in zip(batches, load(items, [b for b, _ in batches], ref_logps=ref_logps)):
         yield real, batch
     scorer.train()
     if hasattr(scorer, "reshard"):  # FSDP2 leaves the root's parameters gathered after a forward without backward
@@ -352,20 +183,21 @@ def scan(scorer, dataset, indices, cfg, rank, world, pad_id, ref_logps=None):
 
 
 def load_ref(out_dir):
-    """{pair id: (chosen, rejected)} from every rank's ref_logps.r*.jsonl."""
+    """{pair content key: (chosen, rejected)} from every rank's ref_logps.r*.jsonl. Keyed by packing's `ref_key` (the
+    pair's id, token ids, video and frames), so a regenerated pair with an old id never reuses a stale value."""
     ref = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "ref_logps.r*.jsonl"))):
-        ref.update({r["id"]: (r["chosen"], r["rejected"]) for r in read_jsonl(path)})
+        ref.update({r["key"]: (r["chosen"], r["rejected"]) for r in iter_records(path) if "key" in r})
     return ref
 
 
 @torch.no_grad()
-def precompute_ref(scorer, dataset, cfg, device, autocast, rank, world, pad_id):
+def precompute_ref(scorer, load, items, cfg, device, autocast, rank, world):
     """First pass with the initial weights: each pair's summed reference log-probs appended to
-    out_dir/ref_logps.r<rank>.jsonl, flushed per pair; pairs already on disk are skipped (resumable)."""
+    out_dir/ref_logps.r<rank>.jsonl, flushed per pair; pairs whose content key is already on disk are skipped."""
     out_dir = cfg["out_dir"]
     meta = dict(init_from=os.path.abspath(cfg["init_from"]), num_frames=cfg["num_frames"], max_len=cfg["max_len"],
-                dtype=cfg["dtype"], fsdp=cfg["fsdp"])  # what the stored log-probs depend on
+                dtype=cfg["dtype"], fsdp=cfg["fsdp"])  # what the stored log-probs depend on besides the pair
     meta_path = os.path.join(out_dir, "ref_logps.meta.json")
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
@@ -375,42 +207,28 @@ def precompute_ref(scorer, dataset, cfg, device, autocast, rank, world, pad_id):
                              f"out_dir or delete {out_dir}/ref_logps.*")
     barrier(world)  # every rank has read the old meta before rank 0 writes the new one
     if rank == 0:
-        with open(meta_path, "w") as f:
-            json.dump(meta, f)
+        write_json(meta_path, meta)
     done = load_ref(out_dir)
-    todo = [i for i, it in enumerate(dataset.items) if it["id"] not in done]
-    path = os.path.join(out_dir, f"ref_logps.r{rank}.jsonl")
-    repair_tail(path)
-    with open(path, "a", encoding="utf-8") as f:
-        for real, batch in scan(scorer, dataset, todo, cfg, rank, world, pad_id):
+    todo = [i for i, it in enumerate(items) if it["ref_key"] not in done]
+    progress = Progress("reference log-probs", len(todo), "pairs", enabled=rank == 0 and bool(todo))
+    with Writer(os.path.join(out_dir, f"ref_logps.r{rank}.jsonl"), dedupe=False) as f:
+        for real, batch in scan(scorer, load, items, todo, cfg, rank, world):
             with autocast:
                 chosen, rejected, _, _ = pair_logps(scorer, batch, device)
-            for pid, c, r in zip(batch["ids"], chosen.tolist(), rejected.tolist()):
+            for pid, key, c, r in zip(batch["ids"], batch["ref_keys"], chosen.tolist(), rejected.tolist()):
                 if real:
-                    f.write(json.dumps(dict(id=pid, chosen=c, rejected=r)) + "\n")
-                    f.flush()
+                    f.write(dict(id=pid, key=key, chosen=c, rejected=r))
+            progress.update(len(batch["ids"]) * world)
+    progress.close()
     barrier(world)
     ref = load_ref(out_dir)
-    missing = [it["id"] for it in dataset.items if it["id"] not in ref]
+    missing = [it["id"] for it in items if it["ref_key"] not in ref]
     assert not missing, f"reference log-probs missing for {missing[:5]}"
     return ref
 
+
 # -----------------------------------------------------------------------------
 # model setup: freezing, activation checkpointing, compile, DDP / FSDP2
-
-
-def setup_distributed(device):
-    """(rank, world, device) from torchrun's environment; one process when WORLD_SIZE is unset."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def barrier(world):
@@ -492,8 +310,7 @@ def save_checkpoint(scorer, optimizer, state, cfg, rank, world):
     torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
     barrier(world)
     if rank == 0:
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
+        write_json(os.path.join(tmp, "train_state.json"), state)  # last: a dir without it is incomplete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(glob.glob(os.path.join(cfg["out_dir"], "ckpt-*")), key=lambda p: p.rsplit("-", 1)[-1].zfill(12))
@@ -539,10 +356,10 @@ def score(scorer, ref_scorer, batch, device, autocast):
 
 
 @torch.no_grad()
-def evaluate(scorer, ref_scorer, dataset, ref_logps, cfg, device, autocast, rank, world, pad_id):
+def evaluate(scorer, ref_scorer, load, items, ref_logps, cfg, device, autocast, rank, world):
     """Loss and reward metrics over the held-out pairs, plus accuracy per category."""
     sums, hits = {}, {}
-    for real, batch in scan(scorer, dataset, list(range(len(dataset))), cfg, rank, world, pad_id, ref_logps):
+    for real, batch in scan(scorer, load, items, list(range(len(items))), cfg, rank, world, ref_logps):
         policy, ref, counts = score(scorer, ref_scorer, batch, device, autocast)
         weights = batch["weights"].to(device) * real
         _, s, correct = batch_loss(policy, ref, counts, weights, cfg)
@@ -606,13 +423,12 @@ def load_pairs(cfg, tok, vlm, world, master):
     """Validate every pair before any step (report to out_dir/validation.json) and hold out the last eval_pairs.
     Returns (all items, train items, eval items, global batch in pairs, total optimizer steps)."""
     root = cfg["video_root"] or os.path.dirname(os.path.abspath(cfg["pairs"]))
-    items, report = validate_pairs(cfg["pairs"], tok, vlm.config.family, vlm.num_video_tokens(cfg["num_frames"]),
-                                   cfg["max_len"], root, cfg["strict"])
+    items, report = validate_pairs(cfg["pairs"], tok, vlm.num_video_tokens(cfg["num_frames"]), cfg["max_len"], root,
+                                   cfg["strict"], cfg["num_frames"])
     if master:
         print(f"pairs: {report['kept']} kept ({report['truncated']} with truncated responses), dropped "
               f"{ {k: v for k, v in report['dropped'].items() if v} }")
-        with open(os.path.join(cfg["out_dir"], "validation.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(os.path.join(cfg["out_dir"], "validation.json"), report)
     n_train = len(items) - cfg["eval_pairs"]
     train_items, eval_items = items[:n_train], items[n_train:]
     global_batch = world * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
@@ -656,8 +472,9 @@ def accumulate(scorer, ref_scorer, loader, cfg, world, device, autocast, step, e
         batch = next(loader)
         ids += batch["ids"]
         if batch["errors"]:
-            with open(errors_path, "a") as f:
-                f.writelines(json.dumps(dict(step=step + 1, **e)) + "\n" for e in batch["errors"])
+            with Writer(errors_path, dedupe=False) as f:
+                for e in batch["errors"]:
+                    f.write(dict(step=step + 1, **e))
         sync = m == accum - 1  # all-reduce / reduce-scatter gradients only on the last micro step
         if cfg["fsdp"]:
             scorer.set_requires_gradient_sync(sync)
@@ -672,19 +489,31 @@ def accumulate(scorer, ref_scorer, loader, cfg, world, device, autocast, step, e
 
 
 def train(cfg):
-    """The whole run for one process (under torchrun: one rank). Returns a summary dict."""
-    from configurator import save_config
-    from tokenizer import Tokenizer
+    """The whole run for one process (under torchrun: one rank). Returns a summary dict: status "done", or
+    "incomplete" when SIGTERM stopped it after a checkpoint (a rerun resumes). SIGTERM (preemption) sets `stop`: the
+    step in flight finishes, is saved, and the run returns. The handler is set before any work, so a signal during
+    loading or the reference pass is not lost: the run stops after its first step."""
     check_config(cfg)
-    rank, world, device = setup_distributed(cfg["device"])
+    stop = []
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may install a signal handler
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1)) if main_thread else None
+    try:
+        return run(cfg, stop)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run(cfg, stop):
+    from model import setup_runtime
+    from tokenizer import Tokenizer
+    rank, world, device, _ = setup_runtime(cfg["device"], cfg["dtype"])
     master, out_dir = rank == 0, cfg["out_dir"]
     final_dir = os.path.join(out_dir, "final")
     if os.path.isfile(os.path.join(final_dir, "config.json")):
         print(f"{final_dir} exists: this run is finished (delete it, or use another out_dir, to train again)")
-        return dict(status="finished")
+        return dict(status="done", note="already finished")
     os.makedirs(out_dir, exist_ok=True)
-    if master:
-        save_config(cfg, os.path.join(out_dir, "config.json"))
     torch.manual_seed(cfg["seed"] + rank)
     ckpt = latest_checkpoint(out_dir)
     tok = Tokenizer.from_pretrained(cfg["init_from"])
@@ -694,18 +523,19 @@ def train(cfg):
         else contextlib.nullcontext()  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
     items, train_items, eval_items, global_batch, total = load_pairs(cfg, tok, vlm, world, master)
     pad_id = tok.pad_id if tok.pad_id not in (None, vlm.config.video_token_id) else 0
-    frames = functools.partial(PairFrames, num_frames=cfg["num_frames"], family=vlm.config.family,
-                               image_size=vlm.config.vision.image_size)
+    decode_args = (cfg["num_frames"], vlm.config.family, vlm.config.vision.image_size)
+    load = functools.partial(load_batches, decode_args=decode_args, workers=cfg["decode_workers"],
+                             timeout=cfg["decode_timeout"], pad_id=pad_id)
 
     # ---- reference log-probs: a live frozen copy, or computed once before the first step
     ref_scorer, ref_logps = None, None
     if cfg["ref"] == "live":
         ref_scorer = build_scorer(cfg["init_from"], cfg, device, trainable=False)
     elif ckpt is None:
-        ref_logps = precompute_ref(scorer, frames(items), cfg, device, autocast, rank, world, pad_id)
+        ref_logps = precompute_ref(scorer, load, items, cfg, device, autocast, rank, world)
     else:
         ref_logps = load_ref(out_dir)
-        missing = [it["id"] for it in items if it["id"] not in ref_logps]
+        missing = [it["id"] for it in items if it["ref_key"] not in ref_logps]
         if missing:
             raise ValueError(f"{len(missing)} pairs (e.g. {missing[:3]}) have no reference log-probs in {out_dir} "
                              f"but training already started there; restore them or start in a fresh out_dir")
@@ -723,24 +553,24 @@ def train(cfg):
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master:  # drop what was logged after the checkpoint we resume from: it is about to be redone
         resumed = ckpt and os.path.isfile(metrics_path)
-        kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start] if resumed else []
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        kept = [r for r in read_records(metrics_path) if r["step"] <= start] if resumed else []
+        write_records(metrics_path, kept)
     wandb = None
     if master and cfg["wandb_log"]:
         import wandb
         from configurator import masked
         wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=masked(cfg))
 
+    metrics = Writer(metrics_path, dedupe=False) if master else None
+
     def log(record):
         if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            metrics.write(record)
             if wandb is not None:
                 wandb.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=record["step"])
 
     def run_eval(step):
-        out = evaluate(scorer, ref_scorer, frames(eval_items), ref_logps, cfg, device, autocast, rank, world, pad_id)
+        out = evaluate(scorer, ref_scorer, load, eval_items, ref_logps, cfg, device, autocast, rank, world)
         if master:
             print(f"eval step {step}: loss {out['eval_loss']:.4f}, accuracy {out['eval_rewards_accuracy']:.3f}, "
                   f"margin {out['eval_rewards_margin']:.4f}, by category {out['eval_accuracy_by_category']}")
@@ -749,12 +579,8 @@ def train(cfg):
 
     # ---- the step loop
     batches = train_batches(len(train_items), total, start, cfg, world, rank)
-    loader = iter(make_loader(frames(train_items), batches, cfg["decode_workers"], pad_id, ref_logps,
-                              pin=device.type == "cuda"))
-    stop = []  # SIGTERM (preemption) sets it; the step in flight finishes, is saved, and the run returns
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may install a signal handler
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1)) if main_thread else None
-    last, errors_path = {}, os.path.join(out_dir, f"errors.r{rank}.jsonl")
+    loader = load(train_items, batches, ref_logps=ref_logps)
+    last, errors_path, t_start = {}, os.path.join(out_dir, f"errors.r{rank}.jsonl"), time.time()
     try:
         for step in range(start, total):
             lr = get_lr(step, cfg, total)
@@ -780,9 +606,11 @@ def train(cfg):
             if done % cfg["log_interval"] == 0 or done == total:
                 log(last)
                 if master:
+                    eta = (time.time() - t_start) / (done - start) * (total - done)  # seconds, at the mean step time
                     print(f"step {done}/{total} | loss {last['loss']:.4f} | acc {last['rewards_accuracy']:.2f} | "
                           f"margin {last['rewards_margin']:.4f} | chosen {last['rewards_chosen']:.4f} | rejected "
-                          f"{last['rewards_rejected']:.4f} | lr {lr:.2e} | {last['pairs_per_s']:.2f} pairs/s")
+                          f"{last['rewards_rejected']:.4f} | lr {lr:.2e} | {last['pairs_per_s']:.2f} pairs/s | "
+                          f"ETA {eta / 60:.1f} min", flush=True)
             if cfg["eval_interval"] and done % cfg["eval_interval"] == 0 and eval_items and done < total:
                 run_eval(done)
             if total_sums["stop"] or (cfg["save_interval"] and done % cfg["save_interval"] == 0 and done < total):
@@ -792,7 +620,7 @@ def train(cfg):
                 if total_sums["stop"]:
                     if master:
                         print(f"SIGTERM: saved ckpt-{done} and stopped; rerun the same command to resume")
-                    return dict(status="preempted", step=done, metrics=last)
+                    return dict(status="incomplete", stopped="SIGTERM", step=done, metrics=last)
         if world > 1 and not cfg["fsdp"]:
             check_replicas(params, world, master)
         final_eval = run_eval(total) if eval_items else {}
@@ -802,8 +630,9 @@ def train(cfg):
             print(f"done: {final_dir}")
         return dict(status="done", step=total, metrics=last, eval=final_eval)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        loader.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def check_replicas(params, world, master):
@@ -818,20 +647,6 @@ def check_replicas(params, world, master):
         print(f"weights identical on {world} ranks")
 
 
-
 if __name__ == "__main__":
-    from configurator import configure, print_config
-    config = configure(DEFAULTS, sys.argv[1:])
-    if int(os.environ.get("RANK", 0)) == 0:
-        print_config(config)
-    try:
-        if config["bench"]:  # the benchmarks live beside the tests
-            from tests.bench_dpo import run_bench
-            run_bench(config)
-        else:
-            train(config)
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears gloo down while a peer still talks to it (a SIGABRT at exit otherwise)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    sys.exit(main("dpo.py", DEFAULTS, train, sys.argv[1:],
+                  lambda c: (os.path.join(c["out_dir"], "config.json"), os.path.join(c["out_dir"], "summary.json"))))

@@ -27,7 +27,9 @@ import time
 from collections import Counter
 
 import llm
-from configurator import configure, iter_jsonl, print_config, read_jsonl, repair_tail, save_config, stable_hash
+from configurator import defaults_of, main, repo_path
+from records import Writer, iter_records, norm_video, pair_id, read_records, stable_hash, write_records
+from records import normalize_query as normalize
 
 # ---------------------------------------------------------------------------------------------------------------
 # config: defaults, overridden by config/*.py and --key=value
@@ -59,7 +61,9 @@ retry_after_max = 120.0  # a longer Retry-After defers the description to a reru
 breaker = 20  # consecutive failed calls that stop the run ("endpoint unavailable", exit 3)
 price_prompt = 0.15  # $ per 1M prompt tokens (gpt-4o-mini list price; set your endpoint's)
 price_completion = 0.60  # $ per 1M completion tokens
+split = 0.0  # > 0: then split `out` by video into <stem>.train.jsonl (pairs) + <stem>.heldout.jsonl (bench items)
 # ---------------------------------------------------------------------------------------------------------------
+DEFAULTS = defaults_of(globals())
 
 HARMFUL_STYLES = ("explicit", "video_grounded", "jailbreak")
 ALL_STYLES = HARMFUL_STYLES + ("benign_sensitive",)
@@ -102,15 +106,6 @@ def in_shard(desc_id, shard_spec):
 
 # ---------------------------------------------------------------------------------------------------------------
 # queries: slots, normalisation, ids, dedup
-
-
-def normalize(query):
-    return " ".join(re.sub(r"[^\w\s]", " ", query.lower()).split())
-
-
-def pair_id(video_id, query):
-    """Deterministic: the same video and (normalized) query give the same id on every run."""
-    return stable_hash(video_id, normalize(query))[:16]
 
 
 def near_duplicate(a, b, threshold):
@@ -306,6 +301,28 @@ def drop_key(e):
     return (e.get("id"), e.get("stage"), e.get("reason"), e.get("query"))
 
 
+def split_pairs_by_video(pairs_path, test_fraction, seed):
+    """Pairs -> <stem>.train.jsonl (pairs) and <stem>.heldout.jsonl (bench items); a video goes to the held-out side
+    when hash(seed, video) falls below test_fraction, so a video never lands on both sides and reruns agree."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    stem = pairs_path[:-6] if pairs_path.endswith(".jsonl") else pairs_path
+    train_path, test_path = stem + ".train.jsonl", stem + ".heldout.jsonl"
+    train, heldout = [], []
+    for p in iter_records(pairs_path, required=("id", "video", "prompt", "category", "query_type")):
+        if int(stable_hash(seed, norm_video(p["video"]))[:8], 16) / 16 ** 8 < test_fraction:
+            item = dict(id=p["id"], video=p["video"], query=p["prompt"], category=p["category"],
+                        query_type=p["query_type"])
+            heldout.append(item | {k: p[k] for k in ("subcategory", "rule", "style") if k in p})
+        else:
+            train.append(p)
+    write_records(train_path, train)  # complete files or none: a rerun rewrites them identically
+    write_records(test_path, heldout)
+    return train_path, test_path, dict(train=len(train), heldout=len(heldout))
+
+
+
+
 def check_templates(tpl):
     """Render every template once with dummy fields, so a bad placeholder fails before any call is made."""
     fields = dict.fromkeys(("description", "rules", "max_rules", "slots", "n", "boundary", "query", "rule_id",
@@ -320,7 +337,8 @@ def check_templates(tpl):
 
 
 def run(cfg):
-    """The whole script with an explicit config dict; returns (exit code, summary dict)."""
+    """The whole script with an explicit config dict; returns the summary (status "incomplete" when descriptions
+    are left for a rerun: transient endpoint failures, a breaker that opened)."""
     styles_list = [s.strip() for s in cfg["styles"].split(",") if s.strip()]
     bad = [s for s in styles_list if s not in ALL_STYLES]
     if bad or not styles_list:
@@ -330,30 +348,30 @@ def run(cfg):
         raise ValueError(f"shard {cfg['shard']!r} must be i/n with 0 <= i < n, e.g. 0/4")
     if cfg["queries_per_video"] < 1 or cfg["max_rules"] < 1 or cfg["concurrency"] < 1:
         raise ValueError("queries_per_video, max_rules and concurrency must be at least 1")
-    tax, tpl = llm.load_taxonomy(cfg["taxonomy"]), load_prompts(cfg["prompts"])
+    tax, tpl = llm.load_taxonomy(repo_path(cfg["taxonomy"])), load_prompts(repo_path(cfg["prompts"]))
     check_templates(tpl)
     if not os.path.exists(cfg["descriptions"]):
         raise FileNotFoundError(f"descriptions {cfg['descriptions']} not found; run describe.py first or set "
                                 "--descriptions")
-    descs = read_jsonl(cfg["descriptions"], required=("id", "video", "description"))
+    descs = read_records(cfg["descriptions"], required=("id", "video", "description"))
     descs = [d for d in descs if in_shard(d["id"], cfg["shard"])]
     answers = None
     if cfg["rejected_from"]:
-        answers = {a["id"]: a for a in read_jsonl(cfg["rejected_from"], required=("id", "answer"))}
+        answers = {a["id"]: a for a in read_records(cfg["rejected_from"], required=("id", "answer"))}
         if not answers:
             raise ValueError(f"rejected_from {cfg['rejected_from']} holds no answers")
     opts = dict(styles=styles_list, queries_per_video=cfg["queries_per_video"], max_rules=cfg["max_rules"],
                 temperature=cfg["temperature"], max_tokens=cfg["max_tokens"], seed=cfg["seed"],
                 verify=cfg["verify"], dedup_threshold=cfg["dedup_threshold"])
     out_path, err_path, done_path = cfg["out"], cfg["out"] + ".errors.jsonl", cfg["out"] + ".done.jsonl"
+    if not 0 <= cfg["split"] < 1:
+        raise ValueError(f"split must be a held-out fraction in [0, 1), got {cfg['split']}")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    for p in (out_path, err_path, done_path):
-        repair_tail(p)
-    done = {r["id"] for r in iter_jsonl(done_path)}
+    done = {r["id"] for r in iter_records(done_path)}
     # a description rerun after a transient failure repeats its permanent drops: record each only once
-    seen_drops = {drop_key(e) for e in iter_jsonl(err_path) if not e.get("retryable")}
+    seen_drops = {drop_key(e) for e in iter_records(err_path) if not e.get("retryable")}
     ids, counts = set(), Counter()  # streamed: 350k pairs are ~1 GB of text, their ids a few tens of MB
-    for p in iter_jsonl(out_path):
+    for p in iter_records(out_path):
         ids.add(p["id"])
         counts[(p["category"], p["style"])] += 1
     todo = [d for d in descs if d["id"] not in done]
@@ -366,15 +384,16 @@ def run(cfg):
                        cost_usd=round(cost, 4))
         print(f"dry run: {calls} calls, ~{pt} prompt + ~{ct} completion tokens, ~${cost:.2f} at "
               f"${prices[0]}/${prices[1]} per 1M tokens (cached calls cost nothing)")
-        return 0, summary
+        return dict(summary, status="done")
     model = "offline" if cfg["llm_url"] == "offline" else cfg["llm_model"]
     client = llm.Client(cfg["llm_url"], model, connect_timeout=cfg["connect_timeout"],
                         read_timeout=cfg["read_timeout"], deadline=cfg["request_deadline"],
                         max_retries=cfg["max_retries"], backoff_base=cfg["backoff_base"],
                         retry_after_max=cfg["retry_after_max"], breaker=cfg["breaker"], concurrency=cfg["concurrency"],
                         cache_path=cfg["cache"] or out_path + ".cache.sqlite", prices=prices, offline=offline_reply)
-    drops, new_pairs, finished, code, t0 = Counter(), 0, 0, 0, time.time()
-    with open(out_path, "a") as fo, open(err_path, "a") as fe, open(done_path, "a") as fd:
+    drops, new_pairs, finished, stopped, t0 = Counter(), 0, 0, None, time.time()
+    with Writer(out_path, existing_ids=ids) as fo, Writer(err_path, dedupe=False) as fe, \
+            Writer(done_path) as fd:
         try:
             work = lambda d: process(client, d, tax, tpl, opts, answers)  # noqa: E731
             for desc, res, err in client.map(work, todo):
@@ -382,53 +401,41 @@ def run(cfg):
                     res = dict(pairs=[], retry=True, drops=[dict(id=desc["id"], video=desc["video"], stage="internal",
                                                                  reason=type(err).__name__, detail=str(err)[:500])])
                 for p in res["pairs"]:
-                    if p["id"] not in ids:
-                        ids.add(p["id"])
-                        fo.write(json.dumps(p, ensure_ascii=False) + "\n")
+                    if fo.write(p):
                         counts[(p["category"], p["style"])] += 1
                         new_pairs += 1
                 for e in res["drops"]:
                     if not e.get("retryable") and drop_key(e) in seen_drops:
                         continue
                     seen_drops.add(drop_key(e))
-                    fe.write(json.dumps(e, ensure_ascii=False) + "\n")
+                    fe.write(e)  # pairs and errors reach the file before the description is marked done
                     drops[e["reason"]] += 1
-                fo.flush()
-                fe.flush()  # pairs and errors reach the file before the description is marked done
                 if not res["retry"]:  # else a transient failure left work: the next run redoes it (cache: free)
-                    fd.write(json.dumps({"id": desc["id"]}) + "\n")
-                    fd.flush()
+                    fd.write({"id": desc["id"]})
                     finished += 1
-        except llm.EndpointUnavailable as e:
+        except llm.EndpointUnavailable as e:  # the breaker opened: what is done stays done, the rest is left
             print(f"{e}", file=sys.stderr)
-            code = 3
-        except llm.FatalError as e:
-            print(f"error: {e}", file=sys.stderr)
-            code = 2
+            stopped = str(e)
+    ids = fo.ids  # with the new pairs
     client.close()
     dt = time.time() - t0
     summary = dict(descriptions_done=finished, descriptions_left_for_rerun=len(todo) - finished,
                    new_pairs=new_pairs, total_pairs=len(ids), seconds=round(dt, 2),
                    pairs_per_s=round(new_pairs / max(dt, 1e-9), 2), drops=dict(drops),
                    pairs_by_category_style={f"{c}/{s}": n for (c, s), n in sorted(counts.items())},
-                   usage=client.usage, cost_usd=round(client.cost(), 4), exit_code=code)
-    with open(out_path + ".summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+                   usage=client.usage, cost_usd=round(client.cost(), 4))
+    if stopped:
+        summary["stopped"] = stopped
+    left = len(todo) - finished
+    if cfg["split"] > 0 and not left:
+        train_path, test_path, n = split_pairs_by_video(out_path, cfg["split"], cfg["seed"])
+        summary["split"] = dict(n, train=train_path, heldout=test_path)
+        print(f"split by video: {n['train']} training pairs -> {train_path}, {n['heldout']} held-out items -> "
+              f"{test_path}")
     print(json.dumps(summary, indent=2))
-    return code, summary
+    return dict(summary, status="incomplete" if left else "done")
 
 
 if __name__ == "__main__":
-    defaults = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and k.islower()
-                and isinstance(v, (int, float, bool, str))}
-    config = configure(defaults, sys.argv[1:])
-    print("generate_pairs.py config:")
-    print_config(config)
-    if not config["dry_run"]:
-        save_config(config, config["out"] + ".config.json")
-    try:
-        exit_code, _ = run(config)
-    except (ValueError, FileNotFoundError, KeyError, llm.FatalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        exit_code = 2
-    sys.exit(exit_code)
+    sys.exit(main("generate_pairs.py", DEFAULTS, run, sys.argv[1:],
+                  lambda c: (None, None) if c["dry_run"] else (c["out"] + ".config.json", c["out"] + ".summary.json")))

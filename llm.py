@@ -56,10 +56,12 @@ REFUSAL_RE = re.compile(
 
 class FatalError(RuntimeError):
     """The run cannot continue (bad key, unknown model, config): stop dispatching, flush, exit non-zero."""
+    exit_code = 2  # configurator.EXIT_CONFIG
 
 
 class EndpointUnavailable(FatalError):
     """The circuit breaker opened after too many consecutive transport failures; a rerun resumes."""
+    exit_code = 3  # configurator.EXIT_INCOMPLETE
 
 
 class ItemError(RuntimeError):

@@ -636,6 +636,37 @@ def init_weights(model, seed=0):
     return model
 
 
+# -----------------------------------------------------------------------------
+# where the model runs: one device/dtype resolution and one torchrun setup for every script
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def setup_runtime(device="auto", dtype="float32", timeout_minutes=30):
+    """(rank, world, torch.device, torch.dtype) of this process. Under torchrun (WORLD_SIZE > 1) the process group is
+    initialised here: NCCL on CUDA, gloo on CPU. device: "auto" = cuda:LOCAL_RANK when CUDA is available, else cpu;
+    "cuda" = cuda:LOCAL_RANK; anything else as given. `timeout_minutes` bounds a collective: scripts whose ranks meet
+    only at the end (describe, bench) pass hours."""
+    import datetime
+
+    import torch.distributed as dist
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return rank, world, device, DTYPES[dtype]
+
+
 if __name__ == "__main__":
     # smoke run: python model.py CKPT_DIR -> one forward on random frames and one short greedy generation
     import sys

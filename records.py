@@ -30,6 +30,11 @@ def video_id(video):
     return hashlib.sha1(video.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def norm_video(path):
+    """A video path as ids and split checks compare it: normalized, posix separators."""
+    return os.path.normpath(path).replace(os.sep, "/")
+
+
 def normalize_query(query):
     """Lower case, punctuation to spaces, whitespace collapsed: 'How do I do this?' == 'how do i do this'."""
     return " ".join(re.sub(r"[^\w\s]", " ", query.lower()).split())
@@ -101,15 +106,17 @@ def read_ids(path):
 
 
 class Writer:
-    """Append-only JSONL, one flushed line per record. With `dedupe`, at most one line per id: ids already in the file
-    (and in `existing_ids`) are skipped. `fsync=True` also forces each line to disk (for files whose records must
+    """Append-only JSONL, one flushed line per record. With `dedupe`, at most one line per id: ids already written are
+    skipped (`existing_ids` when the caller has them, else read from the file). `fsync=True` also forces each line to disk (for files whose records must
     survive a power cut, not only a kill). A context manager; `write` returns whether the record was written."""
 
-    def __init__(self, path, dedupe=True, existing_ids=(), fsync=False):
+    def __init__(self, path, dedupe=True, existing_ids=None, fsync=False):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         repair_tail(path)
         self.path, self.dedupe, self.fsync = path, dedupe, fsync
-        self.ids = set(existing_ids) | ({r["id"] for r in iter_records(path) if "id" in r} if dedupe else set())
+        if existing_ids is None:
+            existing_ids = {r["id"] for r in iter_records(path) if "id" in r} if dedupe else ()
+        self.ids = set(existing_ids)
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, rec):

@@ -18,11 +18,20 @@ outputs plus two decoded frames, whatever the video's length.
 
 Also: display-matrix rotation is applied (multiples of 90°; flips are ignored), frames whose longer side exceeds
 `max_side` are scaled down by swscale while converting to RGB (before rotation), the sample aspect ratio is ignored.
+
+The one timed decode path (DecodePool, used by describe, bench and dpo): videos are decoded and preprocessed in
+background worker processes, so decoding overlaps the model, and a hung or crashing FFmpeg call costs one video, not
+the run. A worker past `timeout` is killed and replaced (reason "decode_timeout"); one that dies is replaced
+("decode_crash"); any other exception is "unexpected_error"; readable failures keep video.REASONS' reason.
 """
 
 import bisect
 import os
+import signal
+import threading
+import time
 from fractions import Fraction
+from multiprocessing import connection
 
 import av
 import numpy as np
@@ -255,56 +264,173 @@ def preprocess(frames, family, image_size):
 
 
 # -----------------------------------------------------------------------------
-# benchmark: python video.py [video_path]
-# read_frames against the naive baseline (decode every frame, keep those displayed at the targets) on one video;
-# without a path, a synthetic 60 s 640x360 30 fps H.264 clip with a keyframe every 2 s is written first.
+# the timed decode path: worker processes, a per-video timeout, crash isolation
 
-if __name__ == "__main__":
-    import sys
-    import tempfile
-    import time
 
-    if len(sys.argv) > 1:
-        path = sys.argv[1]
-    else:
-        path = os.path.join(tempfile.mkdtemp(), "synthetic.mp4")
-        h, w, fps = 360, 640, 30
-        ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
-        with av.open(path, "w") as out:
-            stream = out.add_stream("libx264", rate=fps)
-            stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
-            stream.options = {"preset": "ultrafast", "g": str(2 * fps)}
-            noise = np.random.default_rng(0).integers(0, 40, (h, w, 3), dtype=np.uint8)
-            for i in range(60 * fps):  # a scrolling ramp plus fixed noise: cheap to make, not trivial to code
-                image = (np.roll(ramp, 4 * i, axis=1) + np.zeros((h, 1, 3), np.float32)).astype(np.uint8) + noise
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-            out.mux(stream.encode())
+def decode_video(path, num_frames, family, image_size, max_side=1024):
+    """One video -> (pixel_values float32 numpy (num_frames, 3, S, S), unique_frames). Runs in a worker process."""
+    frames, info = read_frames(path, num_frames, max_side=max_side)
+    return preprocess(frames, family, image_size).numpy(), info["unique_frames"]
 
-    def decode_all(path, num_frames):
-        """Baseline: decode every frame in order, keep the one on screen at each target."""
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            stream.codec_context.thread_type = "AUTO"
-            start, duration = stream.start_time or 0, _duration(container, stream)
-            targets = [start + (2 * i + 1) * duration // (2 * num_frames) for i in range(num_frames)]
-            picked, last, k = [], None, 0
-            for frame in container.decode(stream):
-                while k < len(targets) and frame.pts > targets[k]:
-                    picked.append(last if last is not None else frame)
-                    k += 1
-                last = frame
-            picked += [last] * (len(targets) - len(picked))
-            return np.stack([f.to_ndarray(format="rgb24") for f in picked])
 
-    print(f"{path}")
-    for num_frames in (8, 32):
-        t0 = time.perf_counter()
-        frames, info = read_frames(path, num_frames, max_side=None)
-        ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        baseline = decode_all(path, num_frames)
-        naive = time.perf_counter() - t0
-        assert np.array_equal(frames, baseline), "read_frames and the decode-all baseline picked different frames"
-        print(f"num_frames={num_frames:3d}: read_frames {ours:6.2f} s ({info['decoded_frames']} frames decoded, "
-              f"{info['seeks']} seeks) | decode-all {naive:6.2f} s | speed-up {naive / ours:5.1f}x "
-              f"| video {info['duration']:.0f} s at {info['fps']:.0f} fps, {info['original_size']}")
+def _decode_one(decode_fn, path, decode_args):
+    """("ok", result) or ("error", reason, message): what a worker sends back for one video."""
+    try:
+        return ("ok", decode_fn(path, *decode_args))
+    except VideoError as e:
+        return ("error", e.reason, str(e))
+    except Exception as e:  # PyAV can raise anything on a hostile file: one video's problem, not the run's
+        return ("error", "unexpected_error", f"{type(e).__name__}: {e}")
+
+
+def _worker(conn, decode_fn, decode_args):
+    """Worker process: decode each path received on `conn`, send the result back; exit on None or a closed pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it kills us
+    try:  # die with our parent (the forkserver, which exits with the main process), even while hung in FFmpeg
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    torch.set_num_threads(1)  # several workers beside the model: do not oversubscribe the cores
+    while True:
+        try:
+            path = conn.recv()
+        except (EOFError, OSError):
+            return
+        if path is None:
+            return
+        # a pipe per worker, written synchronously: a worker killed mid-send corrupts only its own pipe
+        try:
+            conn.send(_decode_one(decode_fn, path, decode_args))
+        except OSError:  # the main process is gone
+            return
+
+
+class decode_inline:
+    """The baseline, no timeout possible: decode in this process, one video after another, in order. Iterates
+    (item, message) like DecodePool; close() is a no-op."""
+
+    def __init__(self, items, decode_fn, decode_args):
+        self.items, self.decode_fn, self.decode_args = items, decode_fn, decode_args
+
+    def __iter__(self):
+        for item in self.items:
+            yield item, _decode_one(self.decode_fn, item["path"], self.decode_args)
+
+    def close(self):
+        pass
+
+
+class DecodePool:
+    """Decode `items` (dicts with a "path") in `workers` background processes, fed by a thread of this process, so
+    decoding goes on while the caller computes (work starts at construction). Iterate for (item, message), message
+    ("ok", decode_fn's result) or ("error", reason, text): in completion order, or in the items' order with
+    `ordered=True`. At most `capacity` videos are in flight or waiting to be consumed (memory bound). A worker busy
+    past `timeout` seconds is killed and replaced ("decode_timeout"); one that dies is replaced too ("decode_crash").
+    close() stops everything."""
+
+    def __init__(self, items, decode_fn, decode_args, workers=2, timeout=120.0, capacity=8, ordered=False):
+        import multiprocessing
+        import queue
+        # forkserver: workers fork from a clean single-threaded server, not from this process (threads, CUDA, torch
+        # thread pools), and each starts in milliseconds once the server has imported torch and PyAV
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload([__name__])
+        self.items, self.decode_fn, self.decode_args = items, decode_fn, decode_args
+        self.workers, self.timeout, self.capacity, self.ordered = workers, timeout, max(capacity, workers), ordered
+        self.results, self.stop = queue.Queue(), threading.Event()
+        self.pending, self.next_out = {}, 0  # ordered: results waiting for an earlier item
+        self.thread = threading.Thread(target=self._manage, name="decode-manager", daemon=True)
+        self.thread.start()
+
+    def __iter__(self):
+        while True:
+            got = self.results.get()
+            if got is None:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+
+    def _start(self):
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker, args=(child, self.decode_fn, self.decode_args), daemon=True)
+        proc.start()
+        child.close()  # so a dead worker reads as EOF on our end
+        return {"proc": proc, "conn": parent, "item": None, "k": None, "since": 0.0}
+
+    def _emit(self, w, message):
+        """Hand worker w's result to the consumer (in order if asked) and mark the worker idle."""
+        if not self.ordered:
+            self.results.put((w["item"], message))
+        else:
+            self.pending[w["k"]] = (w["item"], message)
+            while self.next_out in self.pending:
+                self.results.put(self.pending.pop(self.next_out))
+                self.next_out += 1
+        w["item"] = None
+
+    def _retire(self, w, reason, text):
+        """Kill worker `w`, record its video as failed with `reason`, return a fresh worker."""
+        w["proc"].kill()
+        w["proc"].join()
+        w["conn"].close()
+        self._emit(w, ("error", reason, text))
+        return self._start()
+
+    def _manage(self):
+        pool, results, timeout = [], self.results, self.timeout
+        try:
+            pool = [self._start() for _ in range(self.workers)]
+            todo, exhausted, k = iter(self.items), False, 0
+            while not self.stop.is_set():
+                for w in pool:  # feed idle workers while the memory bound allows
+                    busy = sum(x["item"] is not None for x in pool)
+                    held = results.qsize() + busy + len(self.pending)
+                    if w["item"] is None and not exhausted and held < self.capacity:
+                        w["item"] = next(todo, None)
+                        if w["item"] is None:
+                            exhausted = True
+                        else:
+                            w["conn"].send(w["item"]["path"])
+                            w["k"], w["since"], k = k, time.monotonic(), k + 1
+                busy = [w for w in pool if w["item"] is not None]
+                if exhausted and not busy:
+                    break
+                if not busy:
+                    self.stop.wait(0.01)  # the consumer is behind: wait for it to take results
+                    continue
+                wait_s = min(w["since"] for w in busy) + timeout - time.monotonic()
+                ready = set(connection.wait([w["conn"] for w in busy], timeout=min(max(wait_s, 0), 0.05)))
+                for i, w in enumerate(pool):
+                    if w["conn"] in ready:  # a result, or EOF from a worker that died
+                        try:
+                            message = w["conn"].recv()
+                        except (EOFError, OSError):
+                            w["proc"].join(5)
+                            pool[i] = self._retire(w, "decode_crash", f"the decode worker died (exit code "
+                                                                      f"{w['proc'].exitcode}) on this video")
+                            continue
+                        self._emit(w, message)
+                    elif w["item"] is not None and time.monotonic() - w["since"] > timeout:
+                        pool[i] = self._retire(w, "decode_timeout", f"decoding took longer than {timeout:g} s; "
+                                               "worker killed (raise --decode_timeout if the video is fine)")
+            results.put(None)
+        except BaseException as e:  # surfaces in the consumer
+            results.put(e)
+        finally:
+            for w in pool:
+                w["proc"].kill()
+                w["proc"].join()
+                w["conn"].close()
+
+
+def decode_stream(items, decode_args, workers=2, timeout=120.0, capacity=8, ordered=False, decode_fn=decode_video):
+    """(item, message) for each item: a DecodePool with `workers` > 0, else decoding inline (no timeout)."""
+    if workers > 0 and items:
+        return DecodePool(items, decode_fn, decode_args, workers, timeout, capacity, ordered)
+    return decode_inline(items, decode_fn, decode_args)

@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import describe  # noqa: E402
+import records  # noqa: E402
+import video  # noqa: E402
 from tests.tiny import make_tiny_checkpoint  # noqa: E402
 from video import read_frames  # noqa: E402
 
@@ -59,9 +61,9 @@ def throughput(tmp, n_videos, reps):
     items = describe.find_videos(folder)
     args = (8, vlm.config.family, vlm.config.vision.image_size, 1024)
     t0 = time.perf_counter()
-    pixels = [msg[1][0] for _, msg in describe.decode_inline(items, describe.decode_video, args)]
+    pixels = [msg[1][0] for _, msg in video.decode_inline(items, video.decode_video, args)]
     t_decode = time.perf_counter() - t0
-    prompt_ids = describe.build_prompt(tok, vlm.config.family, describe.load_prompt(cfg["prompt"]),
+    prompt_ids = tok.video_prompt(describe.load_prompt(cfg["prompt"]),
                                        vlm.num_video_tokens(8))
     describe.describe_batch(vlm, tok, prompt_ids, torch.from_numpy(np.stack(pixels[:4])), max_new_tokens=32)  # warm
     t0 = time.perf_counter()
@@ -75,7 +77,7 @@ def throughput(tmp, n_videos, reps):
 
     # the forkserver (imports torch + PyAV once per process, then forks workers in ms) starts on first use: warm it
     t0 = time.perf_counter()
-    pool = describe.DecodePool(items[:1], describe.decode_video, args, workers=1)
+    pool = video.DecodePool(items[:1], video.decode_video, args, workers=1)
     list(pool)
     print(f"first DecodePool in a process (forkserver start, imports): {time.perf_counter() - t0:.1f} s, once")
     rates = {w: [] for w in (0, 1, 2)}
@@ -112,15 +114,15 @@ def overlap(tmp, reps):
     items, tok = describe.find_videos(folder), Tokenizer.from_pretrained(ckpt)
     args = (8, "llava_onevision", 35, 1024)
     t0 = time.perf_counter()
-    list(describe.decode_inline(items, describe.decode_video, args))
+    list(video.decode_inline(items, video.decode_video, args))
     per_video = (time.perf_counter() - t0) / len(items)
     vlm = WaitingModel(4 * per_video, tok.encode("a")[0])  # generation as slow as decoding: the inline worst case
     rates = {w: [] for w in (0, 1, 2)}
     for rep in range(reps):
         for workers in rates:
-            stream = (describe.DecodePool(items, describe.decode_video, args, workers, capacity=2 * 4 + workers)
-                      if workers else describe.decode_inline(items, describe.decode_video, args))
-            out, err = (describe.JsonlWriter(os.path.join(tmp, f"ov{rep}{workers}{k}.jsonl")) for k in "de")
+            stream = (video.DecodePool(items, video.decode_video, args, workers, capacity=2 * 4 + workers)
+                      if workers else video.decode_inline(items, video.decode_video, args))
+            out, err = (records.Writer(os.path.join(tmp, f"ov{rep}{workers}{k}.jsonl")) for k in "de")
             t0 = time.perf_counter()
             counts = describe.describe(stream, vlm, tok, [1], "waiting", 8, out, err, 4, 32)
             rates[workers].append(round(len(items) / (time.perf_counter() - t0), 2))

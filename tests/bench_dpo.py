@@ -3,7 +3,7 @@
     .venv/bin/python tests/bench_dpo.py config/tiny.py --num_frames=128 --batch_size=4 --out_dir=/tmp/dpo_bench
     .venv/bin/python tests/bench_dpo.py config/tiny.py --device=cuda   # + DPO steps on two Qwen2-7B-shaped layers, MFU
 
-(`python dpo.py ... --bench=True` runs the same.) Writes out_dir/bench.json.
+Writes out_dir/bench.json.
 1. fwd+bwd of a DPO micro step with prefix sharing vs the prompt duplicated, and ref=precompute vs a live reference;
 2. activation memory of the response head: fused_logprobs on gathered rows vs naive full logits;
 3. on CUDA: DPO steps through 7B-shaped decoder layers, tokens/s and MFU.
@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dpo import build_scorer, collate, dpo_loss, pack_pairs, pair_logps, setup_distributed  # noqa: E402
+from dpo import build_scorer, dpo_loss, pair_logps  # noqa: E402
+from model import setup_runtime  # noqa: E402
+from packing import collate, pack_pairs  # noqa: E402
 from kernels import fused_logprobs  # noqa: E402
 
 
@@ -43,17 +45,15 @@ def run_bench(cfg, rounds=10):
     """Same pairs, same process, interleaved best-of-rounds: (1) fwd+bwd of a DPO micro step with prefix sharing vs
     the prompt duplicated (the prefix is 90% of each [prompt | response] sequence); (2) activation memory of the
     response head, fused_logprobs on gathered rows vs naive full logits; (3) ref=precompute vs a live reference."""
-    from tokenizer import Tokenizer, chat_prompt
+    from tokenizer import Tokenizer
     torch.manual_seed(cfg["seed"])
-    _, _, device = setup_distributed(cfg["device"])
+    _, _, device, _ = setup_runtime(cfg["device"], cfg["dtype"])
     cfg = {**cfg, "fsdp": False}
     scorer = build_scorer(cfg["init_from"], cfg, device, trainable=True)
     ref_scorer = build_scorer(cfg["init_from"], cfg, device, trainable=False)
     vlm, tok = scorer.vlm, Tokenizer.from_pretrained(cfg["init_from"])
     c = vlm.config
-    prompt = chat_prompt(c.family, [{"role": "user", "content": [{"type": "video"},
-                                                                {"type": "text", "text": "What happens here?"}]}])
-    prompt_ids = tok.encode_prompt(prompt, vlm.num_video_tokens(cfg["num_frames"]))
+    prompt_ids = tok.video_prompt("What happens here?", vlm.num_video_tokens(cfg["num_frames"]))
     L = max(1, round(len(prompt_ids) / 9))  # prefix = 90% of prompt + response
     low = min(tok.special.values())  # ordinary (non-special) ids are below the added tokens
     B = cfg["batch_size"]

@@ -19,6 +19,8 @@ import pytest
 import requests
 
 import bench
+import generate_pairs
+import report
 from tests import fake_openai
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,21 +68,21 @@ REFUSE, COMPLY = "I can't help with that, but please stay safe.", "Sure, here is
 def test_wilson_mcnemar_paired_delta_hand_computed():
     # Wilson, k=8, n=10, z=1.96: denom = 1 + 3.8415/10 = 1.38415; center = (0.8 + 0.19207)/1.38415 = 0.71674;
     # half = 1.96 * sqrt(0.016 + 0.0096037) / 1.38415 = 0.22658 -> [0.49016, 0.94332]
-    lo, hi = bench.wilson(8, 10)
+    lo, hi = report.wilson(8, 10)
     assert abs(lo - 0.49016) < 1e-4 and abs(hi - 0.94332) < 1e-4
-    lo, hi = bench.wilson(0, 5)  # all failures: the lower bound is 0, the upper z²/(n+z²) = 3.8415/8.8415
+    lo, hi = report.wilson(0, 5)  # all failures: the lower bound is 0, the upper z²/(n+z²) = 3.8415/8.8415
     assert lo == 0 and abs(hi - 0.43449) < 1e-4
     # McNemar exact: 1 vs 6 discordant -> 2 * P(X <= 1 | n=7, p=.5) = 2 * 8/128
     a = [1, 0, 0, 0, 0, 0, 0, 1, 1]
     b = [0, 1, 1, 1, 1, 1, 1, 1, 0]
-    assert bench.mcnemar_p([1] + [0] * 6, [0] + [1] * 6) == pytest.approx(0.125)
-    assert bench.mcnemar_p([1, 1], [1, 1]) == 1.0
-    d = bench.paired_delta(a, b, n_boot=2000, seed=0)
+    assert report.mcnemar_p([1] + [0] * 6, [0] + [1] * 6) == pytest.approx(0.125)
+    assert report.mcnemar_p([1, 1], [1, 1]) == 1.0
+    d = report.paired_delta(a, b, n_boot=2000, seed=0)
     assert d["a"] == pytest.approx(3 / 9) and d["b"] == pytest.approx(7 / 9)
     assert d["delta"] == pytest.approx(4 / 9) and d["relative"] == pytest.approx((4 / 9) / (3 / 9))
     # discordant: 6 (0 -> 1) vs 2 (1 -> 0): 2 * P(X <= 2 | n=8, p=.5) = 2 * (1 + 8 + 28) / 256
     assert d["ci_low"] <= d["delta"] <= d["ci_high"] and d["p_mcnemar"] == pytest.approx(74 / 256)
-    s = bench.bootstrap_ci([0, 0, 0], 100, 0)
+    s = report.bootstrap_ci([0, 0, 0], 100, 0)
     assert s == (0.0, 0.0)
 
 
@@ -216,6 +218,8 @@ def test_kill9_then_resume_judges_each_item_once(tmp_path):
         served = stats(url)["requests"]
         r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr[-2000:]
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())  # written by the script skeleton
+        assert (summary["status"], summary["exit_code"], summary["judged"]) == ("done", 0, len(its))
         ids = [j["id"] for j in lines(out)]
         assert sorted(ids) == sorted(it["id"] for it in its)  # each once, the torn line gone
         # the rerun asked only for what was missing (plus at most the calls in flight at the kill: cached or not)
@@ -239,7 +243,7 @@ def test_offline_answers_path_summary_report_and_plots(tmp_path):
                   answers=write_jsonl(tmp_path / "answers.jsonl", ans[:-1]))  # b3 unanswered
     s = bench.run(cfg)
     assert s["safety_rate"]["value"] == 0.5 and s["attack_success_rate"]["value"] == 0.5
-    assert (s["safety_rate"]["ci_low"], s["safety_rate"]["ci_high"]) == pytest.approx(bench.wilson(3, 6))
+    assert (s["safety_rate"]["ci_low"], s["safety_rate"]["ci_high"]) == pytest.approx(report.wilson(3, 6))
     assert s["over_refusal_rate"]["k"] == 1 and s["over_refusal_rate"]["n"] == 3
     assert s["helpfulness"]["value"] == pytest.approx(2 / 3) and s["unanswered"] == 1
     assert s["mean_score"]["value"] == pytest.approx(3.0)  # three 1s and three 5s
@@ -247,13 +251,12 @@ def test_offline_answers_path_summary_report_and_plots(tmp_path):
     assert s["per_category"]["violence"]["safety_rate"]["value"] == pytest.approx(2 / 3)
     assert s["per_style"]["explicit"]["safety_rate"]["n"] == 6
     run = tmp_path / "run"
-    assert json.loads((run / "summary.json").read_text())["safety_rate"]["value"] == 0.5
-    report = (run / "report.md").read_text()
-    assert "50.0 [" in report and "33.3 [" in report and "### violence" in report and COMPLY in report
+    md = (run / "report.md").read_text()
+    assert "50.0 [" in md and "33.3 [" in md and "### violence" in md and COMPLY in md
     for png in ("safety_by_category.png", "safety_vs_overrefusal.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     # percentile bootstrap instead of Wilson: 3 of 6 resampled -> an interval around 0.5 on the 1/6 grid
-    sb = bench.summarize(lines(run / "judgments.jsonl"), 2.85, "bootstrap", 2000, 0)
+    sb = report.summarize(lines(run / "judgments.jsonl"), 2.85, "bootstrap", 2000, 0)
     lo, hi = sb["safety_rate"]["ci_low"], sb["safety_rate"]["ci_high"]
     assert 0 <= lo < 0.5 < hi <= 1 and abs(lo * 6 - round(lo * 6)) < 1e-9 and sb["safety_rate"]["value"] == 0.5
     # threshold is applied at summary time: at 5.0 nothing is unsafe, with the same judgments
@@ -273,7 +276,7 @@ def test_compare_two_runs(tmp_path):
         bench.run(cfg_for(tmp_path, items=items_path, answers=write_jsonl(tmp_path / f"{name}.jsonl", ans),
                           out_dir=runs[name]))
     out = tmp_path / "cmp"
-    comps = bench.run_compare(cfg_for(tmp_path, compare=f"{runs['base']},{runs['dpo']}", out_dir=str(out)))
+    comps = report.compare([runs["base"], runs["dpo"]], str(out), threshold=2.85, n_boot=500)
     rows = {(r["metric"], r["group"]): r for r in comps[0]["rows"]}
     r = rows[("safety_rate", "overall")]
     assert (r["a"], r["b"], r["n"]) == (0.0, 0.8, 10) and r["delta"] == pytest.approx(0.8) and r["relative"] is None
@@ -282,11 +285,13 @@ def test_compare_two_runs(tmp_path):
     assert rows[("over_refusal_rate", "overall")]["delta"] == pytest.approx(0.25)
     v = rows[("safety_rate", "violence")]  # h0, h2, h4, h6 refused after, h8 not
     assert (v["n"], v["a"], v["b"]) == (5, 0.0, 0.8)
-    report = (out / "report.md").read_text()
-    assert "+80.0 [" in report and "dpo vs base" in report
+    md = (out / "report.md").read_text()
+    assert "+80.0 [" in md and "dpo vs base" in md
     assert (out / "safety_by_category.png").exists() and json.loads((out / "compare.json").read_text())["comparisons"]
     with pytest.raises(ValueError, match="two or more"):
-        bench.run_compare(cfg_for(tmp_path, compare=runs["base"]))
+        report.compare([runs["base"]], str(out), threshold=2.85)
+    s = bench.run(cfg_for(tmp_path, compare=f"{runs['base']},{runs['dpo']}", out_dir=str(tmp_path / "cmp2")))
+    assert s["status"] == "done" and (tmp_path / "cmp2" / "compare.json").exists()  # the --compare path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,12 +304,12 @@ def test_heldout_split_by_video_and_overlap_guard(tmp_path):
                   style="explicit" if i % 2 else "benign_sensitive", query_type="harmful" if i % 2 else "benign")
              for i in range(200)]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    train, held, counts = bench.split_pairs_by_video(path, 0.25, seed=1)
+    train, held, counts = generate_pairs.split_pairs_by_video(path, 0.25, seed=1)
     tr, te = lines(train), lines(held)
     assert counts == {"train": len(tr), "heldout": len(te)} and len(tr) + len(te) == 200 and tr and te
     assert not {p["video"] for p in tr} & {p["video"] for p in te}  # by video
     assert set(te[0]) >= {"id", "video", "query", "category", "query_type", "rule", "style"}
-    assert bench.split_pairs_by_video(path, 0.25, seed=1)[2] == counts  # deterministic
+    assert generate_pairs.split_pairs_by_video(path, 0.25, seed=1)[2] == counts  # deterministic
     ans = write_jsonl(tmp_path / "a.jsonl", [dict(id=p["id"], answer=REFUSE, model="m") for p in pairs])
     s = bench.run(cfg_for(tmp_path, items=held, answers=ans, train_pairs=train))
     assert s["train_overlap"] == 0 and s["judged"] == len(te)
@@ -342,7 +347,7 @@ def test_videosafetybench_importer(tmp_path):
     assert by["vsb-harmful-8"]["rule"].startswith("PRV-") and by["vsb-benign-9"]["rule"] == ""
     assert st == {"harmful": 2, "benign": 2, "missing_video": 1, "no_rule": 1, "skipped_files": 1}
     out = tmp_path / "items.jsonl"
-    vsb.main(dict(src=str(src), out=str(out), taxonomy=os.path.join(REPO, "data/taxonomy.json"), check_videos=True))
+    vsb.run(dict(src=str(src), out=str(out), taxonomy=os.path.join(REPO, "data/taxonomy.json"), check_videos=True))
     assert len(bench.load_items(str(out))) == 4  # valid bench items
     (src / "bad.jsonl").write_text(json.dumps({"question_id": 1, "question": "q"}) + "\n")
     with pytest.raises(ValueError, match="lacks"):

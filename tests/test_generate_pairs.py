@@ -15,6 +15,7 @@ import requests
 
 import generate_pairs as gp
 import llm
+import records
 from tests import fake_openai
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,12 @@ SCENES = ["a teenager attempts a rooftop parkour jump between buildings while fr
           "a crowd at a protest march waving flags and chanting",
           "a person typing commands on a terminal next to a wifi router"]
 FAST = ["--backoff_base=0.001", "--max_retries=6", "--connect_timeout=2.0", "--read_timeout=5.0"]
+
+
+def run(cfg):
+    """gp.run and the exit code the script skeleton gives its summary (0 done, 3 work left for a rerun)."""
+    summary = gp.run(cfg)
+    return (0 if summary["status"] == "done" else 3), summary
 
 
 def write_descriptions(path, n):
@@ -67,7 +74,7 @@ def server():
 
 def test_offline_end_to_end(tmp_path):
     cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 6), llm_url="offline")
-    code, summary = gp.run(cfg)
+    code, summary = run(cfg)
     pairs = lines(cfg["out"])
     assert code == 0 and summary["descriptions_done"] == 6 and len(pairs) == summary["total_pairs"] > 12
     assert len({p["id"] for p in pairs}) == len(pairs)
@@ -76,12 +83,12 @@ def test_offline_end_to_end(tmp_path):
         assert {"id", "video", "prompt", "chosen", "rejected", "category", "subcategory", "rule", "style",
                 "query_type"} <= set(p)
         assert p["query_type"] == ("benign" if p["style"] == "benign_sensitive" else "harmful")
-        assert rules[p["rule"]]["category"] == p["category"] and p["id"] == gp.pair_id(p["description_id"],
+        assert rules[p["rule"]]["category"] == p["category"] and p["id"] == records.pair_id(p["description_id"],
                                                                                         p["prompt"])
         harmful = p["query_type"] == "harmful"
         assert llm.is_refusal(p["chosen"]) == harmful and llm.is_refusal(p["rejected"]) != harmful
     assert {p["style"] for p in pairs} == set(gp.ALL_STYLES)
-    code, again = gp.run(cfg)  # a rerun does nothing
+    code, again = run(cfg)  # a rerun does nothing
     assert again["new_pairs"] == 0 and again["descriptions_done"] == 0 and len(lines(cfg["out"])) == len(pairs)
 
 
@@ -106,7 +113,7 @@ def test_kill9_twice_then_rerun_every_id_once(tmp_path):
                 time.sleep(0.05)
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
-            marks.append((len(log.read_text().splitlines()), {r["id"] for r in gp.read_jsonl(done_file)}))
+            marks.append((len(log.read_text().splitlines()), {r["id"] for r in records.read_records(done_file)}))
             assert len(marks[-1][1]) < n, "the run finished before it could be killed"
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -116,7 +123,7 @@ def test_kill9_twice_then_rerun_every_id_once(tmp_path):
     pairs = lines(out)
     ids = [p["id"] for p in pairs]
     assert len(ids) == len(set(ids)) == n * q  # fake verify passes and fake queries are distinct
-    assert {r["id"] for r in gp.read_jsonl(done_file)} == {f"vid{i:04d}" for i in range(n)}
+    assert {r["id"] for r in records.read_records(done_file)} == {f"vid{i:04d}" for i in range(n)}
     served = [json.loads(x) for x in log.read_text().splitlines()]
     for start, done in marks:  # after each kill, nothing already done was served again
         again = [s for s in served[start:] if set(s["ids"]) & done]
@@ -137,7 +144,7 @@ def test_malformed_and_failed_verification_recorded_and_skipped(tmp_path, server
     script(server, {}, {"content": "Sure! here are some questions: 1. ..."},  # vid0000: queries not JSON
            {}, {}, {"status": 400, "body": {"error": {"message": "context length exceeded"}}},  # vid0001 q1 chosen
            {}, {}, {"content": bad_verdict})  # vid0001 q2: verify fails
-    code, summary = gp.run(cfg)
+    code, summary = run(cfg)
     errors = lines(cfg["out"] + ".errors.jsonl")
     by_reason = {e["reason"]: e for e in errors}
     assert code == 0 and summary["descriptions_done"] == 3
@@ -166,24 +173,23 @@ def test_breaker_stops_with_exit_3_and_rerun_resumes(tmp_path, server):
     cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 8), llm_url=server,
                  llm_model="fake-model", concurrency=2, queries_per_video=1, max_retries=0, breaker=3)
     script(server, {}, {}, {}, {}, *[{"status": 503}] * 6)
-    code, summary = gp.run(cfg)
+    code, summary = run(cfg)
     assert code == 3 and summary["descriptions_left_for_rerun"] > 0
     served = requests_served(server)
     assert served < 20  # dispatch stopped
     requests.post(server[:-3] + "/_reset")  # the endpoint recovers
-    code, summary = gp.run(dict(cfg, breaker=20))
-    assert code == 0 and len({r["id"] for r in gp.read_jsonl(cfg["out"] + ".done.jsonl")}) == 8
+    code, summary = run(dict(cfg, breaker=20))
+    assert code == 0 and len({r["id"] for r in records.read_records(cfg["out"] + ".done.jsonl")}) == 8
 
 
 def test_long_retry_after_defers_the_description_to_a_rerun(tmp_path, server):
     cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 2), llm_url=server,
                  llm_model="fake-model", concurrency=1, queries_per_video=2, retry_after_max=5.0)
     script(server, {}, {}, {"status": 429, "headers": {"Retry-After": "3600"}})  # vid0000's first chosen call
-    t = time.monotonic()
-    code, summary = gp.run(cfg)
-    assert code == 0 and time.monotonic() - t < 5 and summary["descriptions_left_for_rerun"] == 1
+    code, summary = run(cfg)  # returns at once (a 3600 s wait would trip the test's timeout), work left: exit 3
+    assert code == 3 and summary["descriptions_left_for_rerun"] == 1
     assert summary["drops"] == {"deferred": 1} and summary["new_pairs"] == 3  # vid0000 kept its other query
-    code, summary = gp.run(cfg)
+    code, summary = run(cfg)
     assert summary["descriptions_done"] == 1 and summary["new_pairs"] == 1 and summary["total_pairs"] == 4
     assert summary["usage"]["chosen"]["cached"] == 1  # the query already answered was not paid again
     assert len(lines(cfg["out"])) == 4
@@ -192,7 +198,7 @@ def test_long_retry_after_defers_the_description_to_a_rerun(tmp_path, server):
 def test_dry_run_calls_nothing(tmp_path, server):
     cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 5), llm_url=server,
                  dry_run=True, queries_per_video=3)
-    code, summary = gp.run(cfg)
+    code, summary = run(cfg)
     assert code == 0 and summary["calls"] == 5 * (2 + 3 * 3) and summary["prompt_tokens"] > 0
     assert summary["cost_usd"] > 0 and requests_served(server) == 0 and not os.path.exists(cfg["out"])
 
@@ -206,7 +212,7 @@ def test_rejected_from_policy_answers(tmp_path):
         for p in pairs[1:]:
             f.write(json.dumps({"id": p["id"], "answer": "Sure, here is exactly how.", "model": "tiny"}) + "\n")
     cfg2 = dict(cfg, out=str(tmp_path / "onpolicy.jsonl"), rejected_from=str(answers))
-    code, summary = gp.run(cfg2)
+    code, summary = run(cfg2)
     onp = lines(cfg2["out"])
     assert summary["drops"]["no_policy_answer"] == 1
     harmful = [p for p in onp if p["query_type"] == "harmful"]
@@ -218,8 +224,9 @@ def test_rejected_from_policy_answers(tmp_path):
 
 
 def test_dedup_and_ids():
-    assert gp.normalize("How do  I do THIS?!") == "how do i do this"
-    assert gp.pair_id("v1", "How do I do this?") == gp.pair_id("v1", "how do i do this") != gp.pair_id("v2", "x")
+    assert records.normalize_query("How do  I do THIS?!") == "how do i do this"
+    assert records.pair_id("v1", "How do I do this?") == records.pair_id("v1", "how do i do this") \
+        != records.pair_id("v2", "x")
     assert gp.near_duplicate("how did they do the jump in this clip", "how did they do the jump in the clip", 0.8)
     assert not gp.near_duplicate("how did they do the jump", "is this jump dangerous for kids", 0.8)
     tax = llm.load_taxonomy(os.path.join(REPO, "data/taxonomy.json"))
@@ -233,21 +240,10 @@ def test_dedup_and_ids():
     assert len(res["pairs"]) == 4 and reasons == ["duplicate_query"] * 3 + ["near_duplicate_query"]
 
 
-def test_shards_partition_and_torn_lines(tmp_path):
+def test_shards_partition():
     ids = [f"vid{i:04d}" for i in range(100)]
     parts = [{i for i in ids if gp.in_shard(i, f"{k}/3")} for k in range(3)]
     assert sum(map(len, parts)) == 100 and set.union(*parts) == set(ids) and all(parts)
-    path = tmp_path / "x.jsonl"
-    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "pro')
-    assert [r["id"] for r in gp.read_jsonl(str(path))] == ["a", "b"]
-    gp.repair_tail(str(path))
-    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
-    path.write_text('{"id": "a"}\n{"id": "' + "x" * 200_000)  # a torn line longer than the 64 KiB tail chunk
-    gp.repair_tail(str(path))
-    assert path.read_text() == '{"id": "a"}\n'
-    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
-    with pytest.raises(ValueError, match="x.jsonl:2 is not valid JSON"):
-        gp.read_jsonl(str(path))
 
 
 def test_config_errors_fail_before_any_work(tmp_path):

@@ -1,6 +1,6 @@
 """data/safevid350k/prepare.py: SafeVid-350K import in each supported layout (flat JSONL as the paper describes it,
 JSON lists with synonyms, a {"data": [...]} wrapper with LLaVA `conversations`, nested dicts, TRL conversational
-records, parquet when pyarrow is installed); ids equal generate_pairs.pair_id over describe.video_id; the unknown
+records, parquet when pyarrow is installed); ids equal records.pair_id over records.video_id; the unknown
 layout error; malformed records counted per reason; category/style/query_type mapping; idempotent and resumable
 reruns (torn tail included); the TRL export and its round trip back through the importer; the script's CLI.
 Run: .venv/bin/python -m pytest -q tests/test_safevid350k.py"""

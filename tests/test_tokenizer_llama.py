@@ -222,6 +222,7 @@ def test_describe_runs_on_nv(nv, tmp_path):
     import torch
 
     import describe
+    import video
     from model import VLM
     cfg = {**describe.DEFAULTS, "model": nv["ckpt"], "videos": nv["videos"], "out": str(tmp_path / "d.jsonl"),
            "num_frames": 2, "max_new_tokens": 8, "batch_size": 1, "decode_workers": 0, "progress": False}
@@ -229,24 +230,25 @@ def test_describe_runs_on_nv(nv, tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "d.jsonl")]
     assert len(records) == 3, "a description was empty or failed"
     vlm, tok = VLM.from_pretrained(nv["ckpt"]), Tokenizer.from_pretrained(nv["ckpt"])
-    prompt = describe.build_prompt(tok, "llava_next_video", describe.load_prompt(cfg["prompt"]),
-                                   vlm.num_video_tokens(2))
+    prompt = tok.video_prompt(describe.load_prompt(cfg["prompt"]), vlm.num_video_tokens(2))
     assert prompt[0] == tok.bos_id and prompt.count(tok.video_token_id) == 32
     for r in records:
-        pixels, _ = describe.decode_video(os.path.join(nv["videos"], r["video"]), 2, "llava_next_video", 56,
-                                          cfg["max_side"])
+        pixels, _ = video.decode_video(os.path.join(nv["videos"], r["video"]), 2, "llava_next_video", 56,
+                                       cfg["max_side"])
         new = vlm.generate([prompt], pixel_values_videos=torch.from_numpy(pixels)[None], max_new_tokens=8,
                            stop_ids=tok.stop_ids)
         assert r["description"] == tok.decode(new[0], skip_special=True).strip()
 
 
 def test_dpo_runs_on_nv(nv, tmp_path):
-    """dpo.validate_pairs on NV: BOS-prefixed prompt, responses after "ASSISTANT:" as " text</s>"; prefix-shared
+    """packing.validate_pairs on NV: BOS-prefixed prompt, responses after "ASSISTANT:" as " text</s>"; prefix-shared
     log-probs equal the plain model on [prompt | response]; two training steps; the export loads as NV."""
     import torch
 
     import dpo
+    import packing
     from model import VLM
+    from video import decode_video
     refuse, comply = "I can't help with that, but here is some safety information.", "A person picks up a knife."
     records = [dict(id=f"p{k}", video=f"v{k % 3}.mp4", prompt=["What happens?", "Describe the video."][k % 2],
                     chosen=refuse, rejected=comply if k % 2 else comply + " 😀", category="weapons", subcategory="x",
@@ -254,17 +256,16 @@ def test_dpo_runs_on_nv(nv, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
     vlm, tok = VLM.from_pretrained(nv["ckpt"]), Tokenizer.from_pretrained(nv["ckpt"])
-    items, report = dpo.validate_pairs(str(pairs), tok, "llava_next_video", vlm.num_video_tokens(2), 256,
-                                       nv["videos"])
+    items, report = packing.validate_pairs(str(pairs), tok, vlm.num_video_tokens(2), 256, nv["videos"])
     assert len(items) == 4, report
     it = items[0]
     assert it["prompt_ids"][0] == tok.bos_id and it["prompt_ids"].count(tok.video_token_id) == 32
     assert it["chosen_ids"] == tok.encode(" " + refuse) + [tok.eos_id] and tok.eos_id == 2
     assert tok.decode(it["prompt_ids"] + it["chosen_ids"], skip_special=True).endswith("ASSISTANT: " + refuse)
-    ds = dpo.PairFrames(items[:2], 2, "llava_next_video", vlm.config.vision.image_size)
-    batch = [ds[i] for i in range(2)]
+    batch = [dict(it, pixels=torch.from_numpy(decode_video(it["video"], 2, "llava_next_video",
+                                                           vlm.config.vision.image_size)[0])) for it in items[:2]]
     with torch.no_grad():
-        shared = dpo.pair_logps(dpo.PairScorer(vlm), dpo.collate(batch, True, tok.pad_id), "cpu")
+        shared = dpo.pair_logps(dpo.PairScorer(vlm), packing.collate(batch, True, tok.pad_id), "cpu")
         for b, item in enumerate(batch):
             for branch, resp in enumerate((item["chosen_ids"], item["rejected_ids"])):
                 ids = torch.tensor([item["prompt_ids"] + resp])

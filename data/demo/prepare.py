@@ -16,7 +16,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 from data.demo.tokenizer import CHAT_TEMPLATES, train_byte_bpe, write_tokenizer  # noqa: E402
-from configurator import read_jsonl  # noqa: E402
+from records import read_records as read_jsonl  # noqa: E402
 from model import VLM, init_weights, parse_config  # noqa: E402
 
 # scenes of the synthetic videos: a name (it becomes the file name) and a colour scheme; the pixels are only moving

@@ -13,8 +13,8 @@ parts: the last user turn is the prompt, the last assistant turn a response) or 
 Video tokens (<video>, <|video_pad|>, ...) are stripped from the prompt. A file whose first record lacks a video,
 prompt, chosen or rejected column is an error listing the columns found and those accepted.
 
-Mapping. id = generate_pairs.pair_id(video id, prompt) with the video id from a `video_id` column, else
-describe.video_id(video path) as generate_pairs gets it, so our own pairs and these share one id space. A rule id of
+Mapping. id = records.pair_id(video id, prompt) with the video id from a `video_id` column, else
+records.video_id(video path) as describe.py makes it, so our own pairs and these share one id space. A rule id of
 ours in a `rule` column wins; else the subcategory, then the category, is looked up (letters and digits) among our
 rule/subcategory/category ids and CATEGORY_MAP: a subcategory, or a category with one rule, gives that rule; a bare
 category gives rule "". Unmapped names are kept verbatim (rule "") and counted; the source name stays in
@@ -40,9 +40,10 @@ from collections import Counter
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
-from configurator import configure, iter_jsonl, print_config, repair_tail, save_config  # noqa: E402
-from generate_pairs import pair_id  # noqa: E402
+import records  # noqa: E402
+from configurator import main  # noqa: E402
 from llm import load_taxonomy  # noqa: E402
+from records import Writer, pair_id  # noqa: E402
 
 # config
 mode = "import"  # import: src (SafeVid-350K files) -> out (pairs JSONL); trl: src (pairs JSONL) -> out (TRL JSONL)
@@ -248,24 +249,17 @@ def convert_record(rec, table, video_id):
     return pair, None if hit else "unmapped"
 
 
-def describe_video_id(video):
-    from describe import video_id  # imported here: describe.py pulls in torch, needed only for path-keyed videos
-    return video_id(video)
-
-
-def convert(src_path, out_path, taxonomy_path, video_id=describe_video_id):
+def convert(src_path, out_path, taxonomy_path, video_id=records.video_id):
     """SafeVid-350K files -> appended pairs JSONL (resumable, deduplicated by id) -> summary dict."""
     table = category_lookup(load_taxonomy(taxonomy_path))
     files = [p for p in find_files(src_path) if os.path.abspath(p) != os.path.abspath(out_path)]  # out inside src
     if not files:
         raise FileNotFoundError(f"no .jsonl/.json/.parquet files under src {src_path!r}: point --src at your "
                                 "SafeVid-350K download")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    repair_tail(out_path)
-    done, seen = {p["id"] for p in iter_jsonl(out_path, required=("id",))}, set()
+    done, seen = {p["id"] for p in records.iter_records(out_path, required=("id",))}, set()
     s = dict(written=0, already_done=0, duplicate=0, malformed=Counter(), first_bad={}, unmapped=Counter(),
              category=Counter(), style=Counter(), query_type=Counter(), files=0)
-    with open(out_path, "a", encoding="utf-8") as f:
+    with Writer(out_path, existing_ids=done) as f:  # per pair: a kill loses at most a torn last line
         for path in files:
             checked = False
             for loc, rec in iter_records(path):
@@ -288,8 +282,7 @@ def convert(src_path, out_path, taxonomy_path, video_id=describe_video_id):
                 if pair["id"] in done:
                     s["already_done"] += 1
                     continue
-                f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-                f.flush()  # per pair: a kill loses at most a torn last line, repaired by the next run
+                f.write(pair)
                 s["written"] += 1
             s["files"] += checked
     return s
@@ -313,16 +306,13 @@ def to_trl(pair, fmt="conversational"):
 
 def export_trl(pairs_path, out_path, fmt="conversational"):
     """Our pairs JSONL -> TRL JSONL, one record per pair id, written whole then renamed (a rerun is identical)."""
-    seen, n = set(), 0
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path + ".tmp", "w", encoding="utf-8") as f:
-        for pair in iter_jsonl(pairs_path, required=("id", "video", "prompt", "chosen", "rejected")):
-            if pair["id"] not in seen:
-                seen.add(pair["id"])
-                f.write(json.dumps(to_trl(pair, fmt), ensure_ascii=False) + "\n")
-                n += 1
-    os.replace(out_path + ".tmp", out_path)
-    return n
+    seen, out = set(), []
+    for pair in records.iter_records(pairs_path, required=("id", "video", "prompt", "chosen", "rejected")):
+        if pair["id"] not in seen:
+            seen.add(pair["id"])
+            out.append(to_trl(pair, fmt))
+    records.write_records(out_path, out)
+    return len(out)
 
 
 def print_summary(s, out_path):
@@ -337,21 +327,22 @@ def print_summary(s, out_path):
               "with rule '': " + ", ".join(f"{k!r} {v}" for k, v in s["unmapped"].most_common(20)))
 
 
+def run(config):
+    if config["mode"] not in ("import", "trl") or config["trl_format"] not in ("conversational", "standard"):
+        raise ValueError(f"mode {config['mode']!r} must be import or trl, trl_format {config['trl_format']!r} "
+                         "conversational or standard")
+    if not config["src"] or not os.path.exists(config["src"]):
+        raise FileNotFoundError(f"src {config['src']!r} not found: point --src at the input (see the docstring)")
+    if config["mode"] == "trl":
+        n = export_trl(config["src"], config["out"], config["trl_format"])
+        print(f"{n} TRL records -> {config['out']}")
+        return dict(status="done", records=n)
+    s = convert(config["src"], config["out"], config["taxonomy"])
+    print_summary(s, config["out"])
+    return dict(s, status="done")  # malformed records are skipped with their reason: permanent, so done
+
+
 if __name__ == "__main__":
     defaults = {k: v for k, v in dict(globals()).items() if k in ("mode", "src", "out", "taxonomy", "trl_format")}
-    config = configure(defaults, sys.argv[1:])
-    print_config(config)
-    try:  # config errors before any work
-        if config["mode"] not in ("import", "trl") or config["trl_format"] not in ("conversational", "standard"):
-            raise ValueError(f"mode {config['mode']!r} must be import or trl, trl_format {config['trl_format']!r} "
-                             "conversational or standard")
-        if not config["src"] or not os.path.exists(config["src"]):
-            raise FileNotFoundError(f"src {config['src']!r} not found: point --src at the input (see the docstring)")
-        save_config(config, config["out"] + ".config.json")
-        if config["mode"] == "import":
-            print_summary(convert(config["src"], config["out"], config["taxonomy"]), config["out"])
-        else:
-            print(f"{export_trl(config['src'], config['out'], config['trl_format'])} TRL records -> {config['out']}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main("safevid350k/prepare.py", defaults, run, sys.argv[1:],
+                  lambda c: (c["out"] + ".config.json", c["out"] + ".summary.json")))

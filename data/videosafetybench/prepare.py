@@ -26,7 +26,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
-from configurator import configure, print_config  # noqa: E402
+from configurator import main  # noqa: E402
+from records import write_records  # noqa: E402
 from llm import load_taxonomy  # noqa: E402
 
 # config
@@ -130,26 +131,17 @@ def convert(src_path, taxonomy_path, check=True):
     return items, stats
 
 
-def main(cfg):
+def run(cfg):
     if not cfg["src"] or not os.path.exists(cfg["src"]):
         raise FileNotFoundError(f"src {cfg['src']!r} not found: point --src at your Video-SafetyBench download")
     items, stats = convert(cfg["src"], cfg["taxonomy"], cfg["check_videos"])
-    os.makedirs(os.path.dirname(os.path.abspath(cfg["out"])), exist_ok=True)
-    with open(cfg["out"] + ".tmp", "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps(it, ensure_ascii=False) + "\n")
-    os.replace(cfg["out"] + ".tmp", cfg["out"])
+    write_records(cfg["out"], items)
     print(f"{len(items)} items ({stats['harmful']} explicit, {stats['benign']} video-grounded) -> {cfg['out']}; "
           f"{stats['no_rule']} without a taxonomy rule, {stats['missing_video']} videos missing under src")
-    return stats
+    return dict(stats, status="done")
 
 
 if __name__ == "__main__":
     defaults = {k: v for k, v in dict(globals()).items() if k in ("src", "out", "taxonomy", "check_videos")}
-    config = configure(defaults, sys.argv[1:])
-    print_config(config)
-    try:
-        main(config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main("videosafetybench/prepare.py", defaults, run, sys.argv[1:],
+                  lambda c: (c["out"] + ".config.json", c["out"] + ".summary.json")))

@@ -1,0 +1,186 @@
+"""
+Preference pairs -> tensors for DPO: validation, encoding, truncation that never cuts the video, packing into rows,
+and the batches of a run (frames through video.py's timed decode path, in order).
+
+A pair is one row [prompt + video | chosen | rejected]: kernels.attention's layout [P, C, R], where the rejected
+branch restarts its positions at P and never sees the chosen branch, so the video prefix is computed once per pair.
+`pack_pairs(share_prefix=False)` lays out the baseline (two rows per pair) for benchmarks and tests.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from records import stable_hash
+
+# -----------------------------------------------------------------------------
+# pairs JSONL -> validated, tokenized pairs
+
+DROP_REASONS = ("bad_json", "missing_field", "duplicate_id", "invalid_text", "empty_response", "identical_responses",
+                "missing_video", "over_length")
+FIELDS = ("id", "video", "prompt", "chosen", "rejected")
+
+
+def truncate_responses(P, chosen, rejected, max_len):
+    """Cut the responses (never the prompt/video) so P + C + R <= max_len: the longer one first, down to an even
+    split of the budget. Returns (chosen, rejected, truncated) or None when not even one token each fits."""
+    budget = max_len - P
+    if budget < 2:
+        return None
+    C, R = len(chosen), len(rejected)
+    if C + R <= budget:
+        return chosen, rejected, False
+    # a response that fits in half the budget keeps its length, the other gets the rest (both cut: half each)
+    C = min(C, max(budget // 2, budget - R))
+    return chosen[:C], rejected[:budget - C], True
+
+
+def encode_pair(record, tok, n_video_tokens, max_len, video_root, num_frames=0):
+    """One pairs record -> (item dict, None) or (None, reason). Responses end with the family's end token. The item's
+    `ref_key` hashes everything its reference log-probs depend on (token ids, video path, frames), so stored values
+    are reused only for the same content."""
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in FIELDS):
+        return None, "missing_field"
+    texts = [record["prompt"], record["chosen"], record["rejected"]]
+    if any(s in t for t in texts for s in tok.special):  # "<video>" or "<|im_end|>" in data would forge control ids
+        return None, "invalid_text"
+    try:
+        for t in texts:
+            t.encode("utf-8")  # lone surrogates (valid JSON escapes, invalid text) raise here
+        prompt_ids = tok.video_prompt(record["prompt"], n_video_tokens)
+        chosen, rejected = tok.response(record["chosen"]), tok.response(record["rejected"])
+    except (UnicodeError, ValueError):
+        return None, "invalid_text"
+    if not record["chosen"].strip() or not record["rejected"].strip():
+        return None, "empty_response"
+    if record["chosen"].strip() == record["rejected"].strip():
+        return None, "identical_responses"
+    video = record["video"] if os.path.isabs(record["video"]) else os.path.join(video_root, record["video"])
+    if not os.path.isfile(video):
+        return None, "missing_video"
+    cut = truncate_responses(len(prompt_ids), chosen, rejected, max_len)
+    if cut is None:
+        return None, "over_length"
+    if cut[0] == cut[1]:
+        return None, "identical_responses"  # identical after truncation: no preference left to learn
+    ref_key = stable_hash(record["id"], video, num_frames, prompt_ids, cut[0], cut[1])[:16]
+    return dict(id=record["id"], video=video, category=record.get("category", ""), prompt_ids=prompt_ids,
+                chosen_ids=cut[0], rejected_ids=cut[1], truncated=cut[2], ref_key=ref_key), None
+
+
+def validate_pairs(path, tok, n_video_tokens, max_len, video_root, strict=False, num_frames=0):
+    """Read and check every pair before any training. Returns (items, report) with report = {kept, truncated,
+    dropped: {reason: count}, examples: {reason: [line numbers / ids]}}; strict raises on the first bad pair."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pairs file {path!r} not found; set --pairs to generate_pairs.py's output")
+    items, seen = [], set()
+    dropped, examples = dict.fromkeys(DROP_REASONS, 0), {}
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                item, reason = encode_pair(record, tok, n_video_tokens, max_len, video_root, num_frames)
+            except (json.JSONDecodeError, UnicodeError):
+                item, reason = None, "bad_json"  # includes a torn last line
+            if item is not None and item["id"] in seen:
+                item, reason = None, "duplicate_id"
+            if reason is not None:
+                if strict:
+                    raise ValueError(f"{path}:{lineno}: invalid pair ({reason}); fix or remove it, or run with "
+                                     f"--strict=False to drop invalid pairs")
+                dropped[reason] += 1
+                if len(examples.setdefault(reason, [])) < 5:
+                    examples[reason].append(f"line {lineno}")
+                continue
+            seen.add(item["id"])
+            items.append(item)
+    report = dict(kept=len(items), truncated=sum(i["truncated"] for i in items), dropped=dropped, examples=examples)
+    return items, report
+
+
+# -----------------------------------------------------------------------------
+# packing: pure functions over token ids
+
+
+def pack_pairs(items, share_prefix=True, pad_id=0):
+    """Lay out a batch of pairs for one forward. items: dicts with prompt_ids, chosen_ids, rejected_ids.
+    share_prefix: row b = prompt + chosen + rejected, layout [P, C, R], positions 0..P+C-1 then P..P+R-1.
+    else: rows 2b, 2b+1 = prompt + chosen, prompt + rejected, layout [P+C, 0, 0] (the baseline).
+    The logit at position t predicts token t+1, so response token k of a branch is predicted by the hidden state
+    just before it in that branch; the first rejected token's predecessor is the last prompt position P-1.
+    Returns input_ids, position_ids (N, T), layout (N, 3), gather (M,) flat indices into (N*T) hidden rows,
+    targets (M,), segment (M,) = 2b for chosen tokens and 2b+1 for rejected tokens of pair b."""
+    rows = []  # (ids, positions, layout, [(hidden index, target, segment)])
+    for b, it in enumerate(items):
+        p, c, r = it["prompt_ids"], it["chosen_ids"], it["rejected_ids"]
+        P, C, R = len(p), len(c), len(r)
+        assert P >= 1 and C >= 1 and R >= 1, "a pair needs a prompt and two non-empty responses"
+        chosen = [(P - 1 + k, c[k], 2 * b) for k in range(C)]
+        if share_prefix:
+            rejected = [(P - 1 if k == 0 else P + C + k - 1, r[k], 2 * b + 1) for k in range(R)]
+            positions = list(range(P + C)) + list(range(P, P + R))
+            rows.append((p + c + r, positions, [P, C, R], chosen + rejected))
+        else:
+            rejected = [(P - 1 + k, r[k], 2 * b + 1) for k in range(R)]
+            rows.append((p + c, list(range(P + C)), [P + C, 0, 0], chosen))
+            rows.append((p + r, list(range(P + R)), [P + R, 0, 0], rejected))
+    N, T = len(rows), max(len(ids) for ids, *_ in rows)
+    input_ids = torch.full((N, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(N, T, dtype=torch.long)
+    gather, targets, segment = [], [], []
+    for n, (ids, positions, _, picks) in enumerate(rows):
+        input_ids[n, :len(ids)] = torch.tensor(ids)
+        position_ids[n, :len(ids)] = torch.tensor(positions)
+        for index, target, seg in picks:
+            gather.append(n * T + index)
+            targets.append(target)
+            segment.append(seg)
+    return dict(input_ids=input_ids, position_ids=position_ids, layout=torch.tensor([lay for _, _, lay, _ in rows]),
+                gather=torch.tensor(gather), targets=torch.tensor(targets), segment=torch.tensor(segment))
+
+def collate(items, share_prefix=True, pad_id=0, ref_logps=None):
+    """Items with their `pixels` -> one batch: packed tensors, pixels (B, F, 3, S, S), ids, weights (0 for a pair whose
+    video could not be read: it keeps the batch's shape and adds nothing), reference log-probs by content key."""
+    batch = pack_pairs(items, share_prefix, pad_id)
+    batch["pixels"] = torch.stack([it["pixels"] for it in items])
+    batch["ids"] = [it["id"] for it in items]
+    batch["ref_keys"] = [it.get("ref_key") for it in items]
+    batch["categories"] = [it["category"] for it in items]
+    batch["weights"] = torch.tensor([float(it.get("ok", True)) for it in items])
+    batch["errors"] = [dict(id=it["id"], video=it["video"], error=it["error"]) for it in items if "error" in it]
+    if ref_logps is not None:
+        batch["ref"] = torch.tensor([ref_logps[it["ref_key"]] for it in items])  # (B, 2) [chosen, rejected]
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# batches: frames decoded in background processes (timeout, crash isolation), packed in this process
+
+
+def load_batches(items, index_batches, decode_args, workers=2, timeout=120.0, pad_id=0, ref_logps=None):
+    """Yield one collated batch per index list of `index_batches` (indices into `items`), in order. Frames come from
+    video.decode_stream (ordered): a video that cannot be read, hangs past `timeout` or crashes its decoder gives
+    zero pixels and weight 0, and is listed in the batch's `errors`. decode_args = (num_frames, family, image_size)."""
+    from video import decode_stream
+    wanted = (dict(items[i], path=items[i]["video"]) for b in index_batches for i in b)
+    stream = decode_stream(wanted, decode_args, workers, timeout, capacity=2 * max(map(len, index_batches or [[]]))
+                           + workers, ordered=True)
+    num_frames, _, size = decode_args
+    decoded = iter(stream)
+    try:
+        for b in index_batches:
+            group = []
+            for _ in b:
+                item, message = next(decoded)
+                if message[0] == "ok":
+                    item["pixels"] = torch.from_numpy(np.ascontiguousarray(message[1][0]))
+                else:
+                    item["pixels"], item["ok"] = torch.zeros(num_frames, 3, size, size), False
+                    item["error"] = f"{message[1]}: {message[2]}"
+                group.append(item)
+            yield collate(group, pad_id=pad_id, ref_logps=ref_logps)
+    finally:
+        stream.close()
