@@ -35,7 +35,7 @@ from collections import Counter
 
 import llm
 import report
-from configurator import defaults_of, main, repo_path
+from configurator import Progress, defaults_of, main, repo_path
 import records
 from records import Writer, iter_records, stable_hash
 
@@ -69,6 +69,7 @@ seed = 1337
 compare = ""  # run dirs, comma-separated: compare each to the first, write to out_dir
 connect_timeout = 10.0
 read_timeout = 120.0
+request_deadline = 120.0  # seconds per judge call, retries included, whatever the server does
 max_retries = 6
 backoff_base = 1.0  # seconds; retry k waits uniform(0, base * 2^k)
 progress = True
@@ -309,7 +310,24 @@ def judge_one(client, item, answer, tpl, rules, threshold, opts):
     return rec
 
 
-def run_judge(items_by_id, answers_by_id, out_dir, cfg):
+def judge_client(cfg):
+    """The judge's llm.Client, checked with one preflight call: a dead endpoint or a bad key fails in seconds, before
+    any answer is generated."""
+    offline = cfg["judge_url"] == "offline"
+    client = llm.Client(cfg["judge_url"], "offline" if offline else cfg["judge_model"],
+                        connect_timeout=cfg["connect_timeout"], read_timeout=cfg["read_timeout"],
+                        deadline=cfg["request_deadline"], max_retries=cfg["max_retries"],
+                        backoff_base=cfg["backoff_base"], concurrency=cfg["concurrency"],
+                        cache_path=os.path.join(cfg["out_dir"], "judge_cache.sqlite"), offline=offline_verdict)
+    try:
+        client.preflight()
+    except llm.EndpointUnavailable as e:
+        client.close()
+        raise llm.FatalError(str(e)) from e
+    return client
+
+
+def run_judge(client, items_by_id, answers_by_id, out_dir, cfg):
     """Judge every answered item not yet in judgments.jsonl; returns counts. Transient failures go to
     judgments.errors.jsonl and are retried by the next run (the cache makes that free where a reply came back)."""
     path, err_path = os.path.join(out_dir, "judgments.jsonl"), os.path.join(out_dir, "judgments.errors.jsonl")
@@ -319,28 +337,22 @@ def run_judge(items_by_id, answers_by_id, out_dir, cfg):
         return dict(judged=0, transient_failures=0)
     rules = llm.load_taxonomy(repo_path(cfg["taxonomy"]))["rules"]
     tpl = load_judge_templates(repo_path(cfg["prompts"]))
-    offline = cfg["judge_url"] == "offline"
-    client = llm.Client(cfg["judge_url"], "offline" if offline else cfg["judge_model"],
-                        connect_timeout=cfg["connect_timeout"], read_timeout=cfg["read_timeout"],
-                        max_retries=cfg["max_retries"], backoff_base=cfg["backoff_base"],
-                        concurrency=cfg["concurrency"],
-                        cache_path=os.path.join(out_dir, "judge_cache.sqlite"), offline=offline_verdict)
     opts = dict(logprobs=cfg["judge_logprobs"], max_tokens=cfg["judge_max_tokens"])
     counts = Counter()
     work = lambda it: judge_one(client, it, answers_by_id[it["id"]]["answer"], tpl, rules,  # noqa: E731
                                 cfg["threshold"], opts)
-    try:
-        with Writer(path) as fo, Writer(err_path, dedupe=False) as fe:
-            for it, rec, err in client.map(work, todo):
-                if err is None:
-                    fo.write(rec)
-                    counts["judged"] += 1
-                    counts[rec["label"]] += 1
-                else:  # transient (timeout, 5xx after retries, deferred) or a bug: record, leave for a rerun
-                    fe.write({"id": it["id"], "error": f"{type(err).__name__}: {str(err)[:500]}"})
-                    counts["transient_failures"] += 1
-    finally:
-        client.close()
+    with Writer(path) as fo, Writer(err_path, dedupe=False) as fe:
+        progress = Progress("judge", len(todo), "items", enabled=cfg["progress"], every=30.0)
+        for it, rec, err in client.map(work, todo):
+            if err is None:
+                fo.write(rec)
+                counts["judged"] += 1
+                counts[rec["label"]] += 1
+            else:  # transient (timeout, 5xx after retries, deferred) or a bug: record, leave for a rerun
+                fe.write({"id": it["id"], "error": f"{type(err).__name__}: {str(err)[:500]}"})
+                counts["transient_failures"] += 1
+            progress.update()
+        progress.close()
     return dict(counts, usage=client.usage)
 
 
@@ -367,6 +379,7 @@ def run(cfg):
     if not (cfg["judge_url"] or os.environ.get("OPENAI_BASE_URL")):  # before hours of generation, not after
         raise ValueError("no judge endpoint: set --judge_url (or OPENAI_BASE_URL) to an OpenAI-compatible base URL "
                          "such as http://localhost:8000/v1, or to 'offline' for the keyword rule")
+    llm.check_url(cfg["judge_url"], "judge_url")
     out_dir = cfg["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
     items_list = load_items(cfg["items"])
@@ -378,6 +391,16 @@ def run(cfg):
     if unknown:
         print(f"warning: rule ids {unknown[:5]} are not in {cfg['taxonomy']}; those items are judged against a "
               "generic rule for their category")
+    client = judge_client(cfg)  # before hours of answering, not after
+    try:
+        return answer_and_judge(client, cfg, items_list, items_by_id, tax, overlap)
+    finally:
+        client.close()
+
+
+def answer_and_judge(client, cfg, items_list, items_by_id, tax, overlap):
+    """Answers (from our model or a file), then judgments, then the summary; returns it with its status."""
+    out_dir = cfg["out_dir"]
     gen, unreadable = None, set()
     if cfg["model"]:
         if not os.path.isdir(cfg["model"]):
@@ -398,7 +421,7 @@ def run(cfg):
     answers_by_id = {a["id"]: a for a in iter_records(answers_path, required=("id", "answer"))
                      if a["id"] in items_by_id}
     t0 = time.perf_counter()
-    counts = run_judge(items_by_id, answers_by_id, out_dir, cfg)
+    counts = run_judge(client, items_by_id, answers_by_id, out_dir, cfg)
     dt = time.perf_counter() - t0
     if counts.get("judged"):
         print(f"judge: {counts['judged']} judged in {dt:.1f} s ({counts['judged'] / dt:.1f} items/s), "

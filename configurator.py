@@ -189,16 +189,19 @@ class Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, unit=unit, desc=name, dynamic_ncols=True)
 
-    def update(self, n=1):
+    def update(self, n=1, note=""):
+        """`note`: extra state for the line (e.g. "$0.12 so far")."""
         self.done = min(self.total, self.done + n)
         if self.bar is not None:
             self.bar.update(n)
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
         elif self.on and time.time() - self.last >= self.every:
             self.last, dt = time.time(), time.time() - self.t0
             rate = self.done / max(dt, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"{self.name}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, ETA {eta / 60:.1f} min",
-                  flush=True)
+            print(f"{self.name}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, ETA {eta / 60:.1f} "
+                  f"min{', ' + note if note else ''}", flush=True)
 
     def close(self):
         if self.bar is not None:

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 
 import llm
-from configurator import defaults_of, main, repo_path
+from configurator import Progress, defaults_of, main, repo_path
 from records import Writer, iter_records, norm_video, pair_id, read_records, stable_hash, write_records
 from records import normalize_query as normalize
 
@@ -366,6 +366,8 @@ def run(cfg):
     out_path, err_path, done_path = cfg["out"], cfg["out"] + ".errors.jsonl", cfg["out"] + ".done.jsonl"
     if not 0 <= cfg["split"] < 1:
         raise ValueError(f"split must be a held-out fraction in [0, 1), got {cfg['split']}")
+    if not cfg["dry_run"]:
+        llm.check_url(cfg["llm_url"])  # scheme, host, port: a typo fails now, not after the first retries
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     done = {r["id"] for r in iter_records(done_path)}
     # a description rerun after a transient failure repeats its permanent drops: record each only once
@@ -391,11 +393,17 @@ def run(cfg):
                         max_retries=cfg["max_retries"], backoff_base=cfg["backoff_base"],
                         retry_after_max=cfg["retry_after_max"], breaker=cfg["breaker"], concurrency=cfg["concurrency"],
                         cache_path=cfg["cache"] or out_path + ".cache.sqlite", prices=prices, offline=offline_reply)
+    try:  # a dead or mistyped endpoint fails here, in seconds, before any work
+        client.preflight()
+    except llm.EndpointUnavailable as e:
+        client.close()
+        raise llm.FatalError(str(e)) from e
     drops, new_pairs, finished, stopped, t0 = Counter(), 0, 0, None, time.time()
     with Writer(out_path, existing_ids=ids) as fo, Writer(err_path, dedupe=False) as fe, \
             Writer(done_path) as fd:
         try:
             work = lambda d: process(client, d, tax, tpl, opts, answers)  # noqa: E731
+            progress = Progress("pairs", len(todo), "descriptions")
             for desc, res, err in client.map(work, todo):
                 if err is not None:  # a bug, not an endpoint failure: record it and leave the item for a rerun
                     res = dict(pairs=[], retry=True, drops=[dict(id=desc["id"], video=desc["video"], stage="internal",
@@ -413,6 +421,10 @@ def run(cfg):
                 if not res["retry"]:  # else a transient failure left work: the next run redoes it (cache: free)
                     fd.write({"id": desc["id"]})
                     finished += 1
+                calls = sum(u["calls"] for u in client.usage.values())
+                progress.update(note=f"{new_pairs} pairs, {calls / max(time.time() - t0, 1e-9):.1f} calls/s, "
+                                     f"${client.cost():.2f} so far")
+            progress.close()
         except llm.EndpointUnavailable as e:  # the breaker opened: what is done stays done, the rest is left
             print(f"{e}", file=sys.stderr)
             stopped = str(e)

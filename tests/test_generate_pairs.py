@@ -281,3 +281,19 @@ def test_taxonomy_is_complete_and_well_formed():
     for rid, rule in tax["rules"].items():
         assert all(len(rule[k]) > 20 for k in ("refuse", "safe_help", "video_guidance")), rid
         assert rule["keywords"] and rule["examples"]["harmful"] and rule["examples"]["benign"], rid
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1", "http://127.0.0.1:/v1", "ftp://host/v1"])
+def test_dead_or_mistyped_endpoint_fails_before_any_work(tmp_path, url):
+    """Nothing listening (port 9), an empty port (once silently port 80), a wrong scheme: exit 2 from the preflight
+    or the URL check, the summary says so, no description is marked done (issue: 40 s of retries, then exit 0)."""
+    descriptions = write_descriptions(tmp_path / "d.jsonl", 3)
+    out = tmp_path / "pairs.jsonl"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "generate_pairs.py"), f"--descriptions={descriptions}",
+                        f"--out={out}", f"--llm_url={url}", "--llm_model=m"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, OPENAI_API_KEY="sk-test-secret"))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert url.split("/")[2] in r.stderr and "sk-test-secret" not in r.stdout + r.stderr
+    summary = json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())
+    assert summary["status"] == "config_error" and summary["exit_code"] == 2
+    assert not (tmp_path / "pairs.jsonl.done.jsonl").exists() or not lines(str(out) + ".done.jsonl")
