@@ -40,7 +40,7 @@ from records import Writer, iter_records, read_records, write_json, write_record
 # config: defaults (config/*.py and --key=value override them)
 # I/O
 init_from = "out/demo/model"  # Hugging Face checkpoint directory (llava_onevision or llava_next_video)
-pairs = "out/demo/pairs.jsonl"  # preference pairs (DESIGN.md: id, video, prompt, chosen, rejected, category, ...)
+pairs = "out/demo/pairs.jsonl"  # preference pairs (ARCHITECTURE.md: id, video, prompt, chosen, rejected, ...)
 video_root = ""  # relative `video` paths resolve against this ("" = the pairs file's directory)
 out_dir = "out/dpo"
 # data

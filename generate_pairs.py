@@ -15,7 +15,7 @@ Per description (one worker runs these calls in order; `concurrency` description
   d. rejected: harmful compliance, or an over-refusal for benign; with `rejected_from=answers.jsonl` the policy
                model's own answer for that pair id (on-policy pairs)
   e. verify:   a judge call checks chosen follows the rule and is helpful and rejected is worse; failures dropped
-Outputs: `out` (pairs JSONL, DESIGN.md format), `<out>.errors.jsonl` (drops and failures with reasons),
+Outputs: `out` (pairs JSONL, the format in ARCHITECTURE.md), `<out>.errors.jsonl` (drops and failures with reasons),
 `<out>.done.jsonl` (description ids finished: a rerun skips them), `<out>.config.json`, `<out>.summary.json`.
 Every call goes through llm.py's SQLite cache, so a rerun after a kill re-pays nothing it already received.
 """

@@ -1,11 +1,11 @@
 """
 The video LLM, hand-written: a ViT vision tower (SigLIP or CLIP), a 2-layer projector, spatial pooling of each frame's
 patch grid, and a decoder-only LM (Qwen2 or Llama). Loads Hugging Face `llava_onevision` and `llava_next_video`
-checkpoints and matches transformers' logits (tests/test_model.py). The exact math, with the traps, is in
-shared/reference/hf_checkpoints.md; section numbers below (§) point there.
+checkpoints and matches transformers' logits (tests/test_model.py); ARCHITECTURE.md lists the checkpoint layouts
+read. Comments name the transformers behaviour each choice reproduces.
 
 Module names equal the 4.x hub checkpoint names (`language_model.model.layers.0.self_attn.q_proj.weight`, ...), so
-loading is an identity map after normalising the three key layouts found in the wild (§2.2).
+loading is an identity map after normalising the three key layouts found in the wild.
 """
 import json
 import math
@@ -27,7 +27,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "video_preprocessor_config.json", "added_tokens.json", "vocab.json", "merges.txt")
 
 # -----------------------------------------------------------------------------
-# config: everything derived from config.json, with the class defaults the hub configs omit (§4.11)
+# config: everything derived from config.json, with the class defaults the hub configs omit
 
 
 @dataclass
@@ -102,7 +102,7 @@ def parse_config(raw):
         t["num_key_value_heads"] = t["num_attention_heads"]
     if text_kind == "qwen2":
         t["attention_bias"] = True  # Qwen2 always has q/k/v biases; the config has no switch for it
-    # RoPE (§2.1): transformers 5 writes rope_parameters, 4.x rope_theta + rope_scaling; a top-level `factor` is ignored
+    # RoPE: transformers 5 writes rope_parameters, 4.x rope_theta + rope_scaling; a top-level `factor` is ignored
     rope = t.get("rope_parameters") or {}
     scaling = t.get("rope_parameters") or t.get("rope_scaling") or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -130,7 +130,7 @@ def parse_config(raw):
         image_token_id=image_id if image_id is not None else (151646 if family == "llava_onevision" else 32001),
         feature_layers=[layer] if isinstance(layer, int) else list(layer),
         select_strategy=raw.get("vision_feature_select_strategy", "full" if family == "llava_onevision" else "default"),
-        # transformers forces the top-level flag on when the text config says tied: use the OR (§2.1)
+        # transformers forces the top-level flag on when the text config says tied: use the OR
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False)),
         raw=raw,
     )
@@ -140,7 +140,7 @@ def parse_config(raw):
     return cfg
 
 # -----------------------------------------------------------------------------
-# vision tower (SigLIP / CLIP share the block; §1.1)
+# vision tower (SigLIP / CLIP share the block)
 
 
 def quick_gelu(x):
@@ -217,10 +217,10 @@ class VisionTransformer(nn.Module):
         if c.kind == "clip":
             self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.eps)  # sic: the checkpoint's spelling
         self.encoder = VisionEncoder(c)
-        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.eps)  # loaded and saved, unused by LLaVA (§1.2)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.eps)  # loaded and saved, unused by LLaVA
 
     def forward(self, pixels, layer_indices):
-        """Hidden states at `layer_indices` of the list [embeddings, layer 1 out, ..., layer L out] (§1.2),
+        """Hidden states at `layer_indices` of the list [embeddings, layer 1 out, ..., layer L out],
         concatenated on the feature dim. Layers past the deepest one asked for are not run."""
         L = len(self.encoder.layers)
         wanted = [i % (L + 1) for i in layer_indices]  # -1 -> L, -2 -> L-1
@@ -241,10 +241,10 @@ class Projector(nn.Module):
         self.linear_2 = nn.Linear(out_dim, out_dim)
 
     def forward(self, x):
-        return self.linear_2(F.gelu(self.linear_1(x)))  # exact erf GELU (§1.3)
+        return self.linear_2(F.gelu(self.linear_1(x)))  # exact erf GELU
 
 # -----------------------------------------------------------------------------
-# decoder LM (Qwen2 / Llama share it; §1.4)
+# decoder LM (Qwen2 / Llama share it)
 
 
 class RMSNorm(nn.Module):
@@ -260,7 +260,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids, c, dtype):
-    """cos, sin (B, T, hd) for rotate-half RoPE with +theta (§1.5); inverse frequencies in fp32."""
+    """cos, sin (B, T, hd) for rotate-half RoPE with +theta; inverse frequencies in fp32."""
     exponent = torch.arange(0, c.head_dim, 2, device=position_ids.device).float() / c.head_dim
     inv_freq = 1.0 / (c.rope_theta ** exponent) / c.rope_factor  # linear scaling divides positions by the factor
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
@@ -372,12 +372,12 @@ class VLM(nn.Module):
             x = x[:, 1:]  # drop CLS
         g = c.vision.grid
         assert x.shape[1] == g * g, f"vision tower gave {x.shape[1]} patches, expected {g}x{g}"
-        if c.family == "llava_onevision":  # projector first, then a bilinear *resize* to ⌈g/2⌉² (§2.4)
+        if c.family == "llava_onevision":  # projector first, then a bilinear *resize* to ⌈g/2⌉²
             x = self.multi_modal_projector(x).view(B * nf, g, g, -1).permute(0, 3, 1, 2)  # (B·F, H, g, g)
             x = F.interpolate(x, size=(math.ceil(g / 2),) * 2, mode="bilinear", align_corners=False)
             x = x.permute(0, 2, 3, 1).reshape(B, -1, x.shape[1])  # (B, F·s², H)
             return torch.cat([x, self.image_newline.to(x.dtype).expand(B, 1, -1)], dim=1)
-        # llava_next_video: 2x2 average pooling on the vision features, then the projector (§3.4)
+        # llava_next_video: 2x2 average pooling on the vision features, then the projector
         x = x.view(B * nf, g, g, -1).permute(0, 3, 1, 2)
         x = F.avg_pool2d(x, kernel_size=2, stride=2).flatten(2).transpose(1, 2)  # (B·F, (g/2)², Dv)
         return self.multi_modal_projector(x).reshape(B, -1, self.config.text.hidden_size)
@@ -476,7 +476,7 @@ class VLM(nn.Module):
         headers = checkpoint_headers(path)  # file -> (header, data offset); names and shapes only, no data read
         sources = {canonical_name(key): (file, key) for file, (header, _) in headers.items() for key in header}
         sources.pop(None, None)  # skipped names (rotary inv_freq buffers)
-        # a head stored for a tied model is ignored (transformers ties anyway); no head stored means tied (§2.2)
+        # a head stored for a tied model is ignored (transformers ties anyway); no head stored means tied
         config.tie_word_embeddings = config.tie_word_embeddings or "language_model.lm_head.weight" not in sources
         if config.tie_word_embeddings:
             sources.pop("language_model.lm_head.weight", None)
@@ -559,7 +559,7 @@ def sample(logits, temperature, top_p, generator=None):
 
 
 def canonical_name(key):
-    """Map a stored tensor name from any of the three layouts (§2.2) to our module name; None to skip it."""
+    """Map a stored tensor name from any of the three layouts to our module name; None to skip it."""
     if key.endswith("rotary_emb.inv_freq"):
         return None
     if key.startswith("model."):  # 4.52+ layout: model.language_model.*, model.vision_tower.*, ...

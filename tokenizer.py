@@ -7,7 +7,7 @@ plus each family's chat prompt rendered in plain Python.
                                                                        {"type": "text", "text": "What happens?"}]}])
     ids = tok.encode_prompt(text, num_video_tokens=model.num_video_tokens(8))
 
-Why this is exact (reference/hf_checkpoints.md §2.6, checked by tests/test_tokenizer.py against `tokenizers`):
+Why this is exact (checked by tests/test_tokenizer.py against `tokenizers`):
 - a byte-level BPE vocab maps each byte to a printable character (GPT-2's bytes_to_unicode); undoing that map turns
   every vocab string into its bytes, and tiktoken's rank of those bytes is simply the token id;
 - tiktoken merges the adjacent pair whose *result* has the lowest rank, HF the pair whose *merge* comes first in
@@ -16,7 +16,7 @@ Why this is exact (reference/hf_checkpoints.md §2.6, checked by tests/test_toke
   on the added tokens first and apply NFC per segment (NFC over the whole string breaks `<image>` + U+0338).
 
 The Llama/Vicuna tokenizer of llava_next_video (Metaspace "▁", byte fallback to <0xNN>, BOS `<s>`) is not byte-level:
-tiktoken's lowest-rank-result rule cannot rebuild "▁" from bytes and confuses <0x61> with "a" (§3.6), so `LlamaBPE`
+tiktoken's lowest-rank-result rule cannot rebuild "▁" from bytes and confuses <0x61> with "a", so `LlamaBPE`
 implements `tokenizers`' merge rule directly (lowest merge index, leftmost first) and is exact by construction;
 tests/test_tokenizer_llama.py checks it against `tokenizers` and transformers' LlamaTokenizer.
 """
@@ -110,7 +110,7 @@ def _byte_level_ranks(path, model, added_ids):
 
 
 # -----------------------------------------------------------------------------
-# Llama / Vicuna SentencePiece-style BPE with byte fallback (reference/hf_checkpoints.md §3.6), merge rule written out
+# Llama / Vicuna SentencePiece-style BPE with byte fallback, merge rule written out
 
 METASPACE = "\u2581"  # "▁", SentencePiece's visible space
 
@@ -424,7 +424,7 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# chat prompts: the hub chat templates (reference/hf_checkpoints.md §2.5, §3.5) rendered in Python
+# chat prompts: the hub chat templates rendered in Python
 
 def _parts(content):
     """A message's content as HF lists it: [{"type": "video"|"image"|"text", ...}]; a plain string is one text part."""

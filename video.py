@@ -1,6 +1,6 @@
 """
 Video input with PyAV: pick N frames uniformly in time, then preprocess them into the pixel tensor a model family
-expects (reference/hf_checkpoints.md §2.3 for llava_onevision, §3.3 for llava_next_video).
+expects (the hub processors' settings).
 
     frames, info = read_frames("clip.mp4", num_frames=8)        # uint8 (8, H, W, 3), displayed orientation
     pixel_values = preprocess(frames, "llava_onevision", 384)  # float32 (8, 3, 384, 384)
@@ -234,7 +234,7 @@ def _seek(container, stream, t, start, tb):
 
 def preprocess(frames, family, image_size):
     """uint8 frames (F, H, W, 3) (numpy or CPU torch) -> float32 pixel_values (F, 3, S, S), as the family's HF video
-    processor computes them on CPU (reference/hf_checkpoints.md §2.3, §3.3):
+    processor computes them on CPU:
     - llava_onevision: resize to exactly S×S (aspect not kept);
     - llava_next_video: resize the shortest edge to S (long edge int(S·long/short)), centre-crop S×S;
     resizing is antialiased bicubic on the uint8 tensor itself (interpolate's uint8 path rounds between its two

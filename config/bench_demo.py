@@ -1,6 +1,6 @@
 # bench.py on the demo's mini set: held-out split of the offline pairs, the tiny model, the offline judge (keyword
 # refusal rule: a smoke test of the plumbing, not a judge). After generate_pairs.py config/pairs_offline.py:
-#   python bench.py --split_pairs=out/demo/pairs.jsonl --test_fraction=0.25     # train / held-out, by video
+#   (generate_pairs.py --split=0.25 wrote out/demo/pairs.train.jsonl + pairs.heldout.jsonl, split by video)
 #   python bench.py config/bench_demo.py --model=out/demo/model --out_dir=out/demo/bench_base
 #   python bench.py config/bench_demo.py --model=<dpo checkpoint> --out_dir=out/demo/bench_dpo
 #   python bench.py config/bench_demo.py --compare=out/demo/bench_base,out/demo/bench_dpo --out_dir=out/demo/bench_cmp

@@ -1,6 +1,7 @@
 # LLaVA-OneVision-7B (Qwen2-7B LM, SigLIP-400M tower) DPO on one 8-GPU node:
 #   torchrun --nproc_per_node=8 dpo.py config/llava.py --pairs=... --video_root=...
-# Published video-DPO recipes: beta 0.1, lr 5e-7, cosine with warmup, 1-3 epochs, bf16, activation checkpointing.
+# Published video-DPO recipes: beta 0.1, lr 5e-7, cosine with warmup, 1-3 epochs, bf16, activation checkpointing
+# (dpo.py's defaults, with reference log-probs precomputed: this file sets only what differs).
 init_from = "checkpoints/llava-onevision-qwen2-7b-ov-hf"
 pairs = "data/safevid/pairs.jsonl"
 video_root = "data/safevid/videos"
@@ -13,16 +14,7 @@ decode_workers = 6  # per rank (48 on the node): decoding 32 frames by seeking i
 batch_size = 1  # pairs per micro step per GPU: one 8k-token packed pair
 gradient_accumulation_steps = 16  # 1 pair * 16 accum * 8 GPUs = 128 pairs per optimizer step
 epochs = 2  # 350k pairs / 128 = ~2734 steps per epoch
-learning_rate = 5e-7
-min_lr_ratio = 0.0
-warmup_iters = 150  # ~5% of the 5.5k steps
-weight_decay = 0.0
-grad_clip = 1.0
-beta = 0.1
-loss_type = "sigmoid"
-ref = "precompute"  # one forward pass over the pairs first (a forward ≈ 1/3 of fwd+bwd), then one model in memory
-device = "auto"
-dtype = "bfloat16"
+warmup_iters = 150  # 2.7% of the 2 x 2734 = 5468 steps
 # FSDP2 per decoder layer: 8.0B params * (4 B fp32 param + 4 grad + 8 Adam) = 128 GB / 8 GPUs = 16 GB per GPU, plus
 # activations of one 8k pair with per-layer checkpointing (28 layers * 8192 * 3584 * 2 B = 1.6 GB of layer inputs)
 fsdp = True
@@ -32,5 +24,3 @@ eval_pairs = 512
 eval_interval = 250
 log_interval = 10
 save_interval = 500
-keep_checkpoints = 2
-wandb_log = False

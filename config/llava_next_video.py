@@ -1,7 +1,7 @@
 # LLaVA-NeXT-Video-7B (Vicuna-7B LM, CLIP ViT-L/14-336 tower) DPO on one 8-GPU node: SafeVid's headline model family
 #   torchrun --nproc_per_node=8 dpo.py config/llava_next_video.py --pairs=... --video_root=...
 # Same recipe as config/llava.py (published video-DPO settings: beta 0.1, lr 5e-7, cosine with warmup, bf16,
-# activation checkpointing); only the checkpoint and the token budget differ.
+# activation checkpointing, all dpo.py defaults); only the checkpoint and the token budget differ.
 init_from = "checkpoints/LLaVA-NeXT-Video-7B-hf"  # llava-hf/LLaVA-NeXT-Video-7B-hf (or its -DPO-hf sibling)
 pairs = "data/safevid/pairs.jsonl"
 video_root = "data/safevid/videos"
@@ -16,16 +16,7 @@ decode_workers = 6  # per rank: 48 decode processes on the node's CPUs
 batch_size = 1  # pairs per micro step per GPU
 gradient_accumulation_steps = 16  # 1 pair * 16 accum * 8 GPUs = 128 pairs per optimizer step
 epochs = 2  # 350k pairs / 128 = ~2734 steps per epoch
-learning_rate = 5e-7
-min_lr_ratio = 0.0
-warmup_iters = 150  # ~3% of the ~5.5k steps
-weight_decay = 0.0
-grad_clip = 1.0
-beta = 0.1
-loss_type = "sigmoid"
-ref = "precompute"  # one forward pass over the pairs first, then one model in memory
-device = "auto"
-dtype = "bfloat16"
+warmup_iters = 150  # 2.7% of the 2 x 2734 = 5468 steps
 # FSDP2 per decoder layer: 7.06B params (6.74B Vicuna + 0.30B CLIP + 21M projector)
 # * (4 B fp32 param + 4 grad + 8 Adam) = 113 GB / 8 GPUs = 14 GB per GPU, plus one 8k pair's checkpointed layer
 # inputs (32 layers * 8192 * 4096 * 2 B = 2.1 GB)
@@ -36,5 +27,3 @@ eval_pairs = 512
 eval_interval = 250
 log_interval = 10
 save_interval = 500
-keep_checkpoints = 2
-wandb_log = False

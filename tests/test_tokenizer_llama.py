@@ -3,7 +3,7 @@ tokenizer.py's Llama/Vicuna path (llava_next_video) against its oracles: `tokeni
 LlamaTokenizer loaded with the hub tokenizer_config fields (ids with BOS), and transformers' chat template +
 LlavaNextVideoProcessor (the full video prompt ids). Also describe.py / dpo.py on a tiny llava_next_video checkpoint.
 
-The tokenizer under test is trained here with `tokenizers` in the Llama structure (reference/hf_checkpoints.md §5.3):
+The tokenizer under test is trained here with `tokenizers` in the Llama structure:
 BPE(unk, byte_fallback, fuse_unk), specials <unk>,<s>,</s>,<0x00>..<0xFF> first, a small alphabet so that CJK and
 emoji need byte fallback, Metaspace(prepend_scheme="first") trained with split=true then switched to split=false,
 <video>/<image> added, `<s> $A`. A second one is trained with split=false throughout, so its merges span "▁" and

@@ -25,7 +25,7 @@ CORPUS = [
 
 def hf_config(family="llava_onevision", tie=True, kv_heads=2, vocab_size=256, video_token_id=255, image_token_id=254,
               rope_scaling=None, feature_layer=None):
-    """A transformers config for a tiny model of `family` (dict sub-configs, as in shared/reference §5.1)."""
+    """A transformers config for a tiny model of `family` (dict sub-configs)."""
     from transformers import LlavaNextVideoConfig, LlavaOnevisionConfig
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                 num_attention_heads=8, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
@@ -97,7 +97,7 @@ def make_tiny_checkpoint(path, family="llava_onevision", tie=True, seed=0, token
 
 
 # -----------------------------------------------------------------------------
-# the llava_next_video tokenizer: Llama/Vicuna structure, trained with `tokenizers` (test-only; shared/reference §5.3)
+# the llava_next_video tokenizer: Llama/Vicuna structure, trained with `tokenizers` (test-only)
 
 LLAMA_BYTES = [f"<0x{b:02X}>" for b in range(256)]
 
@@ -145,7 +145,7 @@ def train_llama_tokenizer(texts, vocab_size=400, limit_alphabet=40, split_words=
 
 
 def write_llama_tokenizer(path, spec):
-    """tokenizer.json + the hub tokenizer_config.json fields of LLaVA-NeXT-Video-7B-hf (§3.6); returns
+    """tokenizer.json + the hub tokenizer_config.json fields of LLaVA-NeXT-Video-7B-hf; returns
     {added token: id}."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:

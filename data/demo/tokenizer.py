@@ -6,7 +6,7 @@ random checkpoints (no `tokenizers` needed at runtime). Import it from the repo 
     tok_json = train_byte_bpe(texts, vocab_size=512)        # 512 BPE ids, then the 5 ChatML specials: 512..516
     write_tokenizer("out/tiny", tok_json, CHAT_TEMPLATES["llava_onevision"])
 
-What it writes is the Qwen2 tokenizer's structure (reference/hf_checkpoints.md §2.6): NFC normalizer, Qwen2's split
+What it writes is the Qwen2 tokenizer's structure: NFC normalizer, Qwen2's split
 regex + ByteLevel pre-tokenizer, BPE without byte fallback, ByteLevel decoder; `tokenizers`, transformers
 (Qwen2Tokenizer) and our tokenizer.py load it and agree (tests/test_tokenizer.py).
 """
@@ -25,7 +25,7 @@ QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
 # the ChatML family's added tokens in Qwen2 order (there 151643..151647; here right after the BPE vocab)
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
-# the hub chat templates, verbatim (reference/hf_checkpoints.md §2.5, §3.5); tokenizer.chat_prompt renders the same
+# the hub chat templates, verbatim; tokenizer.chat_prompt renders the same
 CHAT_TEMPLATES = {
     "llava_onevision": (
         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{# Render all images first #}"

@@ -1,6 +1,6 @@
 """
 Import a local download of SafeVid-350K (arXiv 2505.11926; hub yxwang/SafeVid-350K, CC-BY-NC-SA-4.0) into our pairs
-(DESIGN.md), and export pairs to TRL preference records. Nothing is downloaded here.
+(ARCHITECTURE.md), and export pairs to TRL preference records. Nothing is downloaded here.
 
     python data/safevid350k/prepare.py --src=/data/SafeVid-350K --out=out/safevid350k_pairs.jsonl
     python data/safevid350k/prepare.py --mode=trl --src=out/pairs.jsonl --out=out/pairs_trl.jsonl

@@ -1,6 +1,6 @@
 """
 Import a local download of Video-SafetyBench (arXiv 2505.11842; 2,264 video-text pairs over 13 MLCommons-style
-hazard categories) into bench items (DESIGN.md: {id, video, query, category, query_type} + subcategory, rule, style,
+hazard categories) into bench items (ARCHITECTURE.md: {id, video, query, category, query_type} + subcategory, rule, style,
 intent, source). Nothing is downloaded here: fetch the dataset yourself (e.g. BAAI/Video-SafetyBench) and point
 --src at the folder (or a file) holding its metadata.
 
