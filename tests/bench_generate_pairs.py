@@ -85,7 +85,7 @@ def main():
     finally:
         for p in (proc, proc0):
             p.terminate()
-            p.wait()
+            p.wait(timeout=60)
 
 
 if __name__ == "__main__":

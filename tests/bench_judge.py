@@ -38,7 +38,7 @@ def judge_throughput(n_items, latency, levels):
         return out
     finally:
         proc.terminate()
-        proc.wait()
+        proc.wait(timeout=60)
         shutil.rmtree(tmp)
 
 

@@ -119,7 +119,7 @@ def server():
     proc, url = fake_openai.start()
     yield url
     proc.terminate()
-    proc.wait()
+    proc.wait(timeout=60)
 
 
 def script(url, *actions):
@@ -210,7 +210,7 @@ def test_kill9_then_resume_judges_each_item_once(tmp_path):
             assert p.poll() is None, p.stderr.read().decode()[-2000:]
             time.sleep(0.02)
         os.kill(p.pid, signal.SIGKILL)
-        p.wait()
+        p.wait(timeout=60)
         with open(out, "a") as f:
             f.write('{"id": "h9", "label": "sa')  # a torn last line, as a kill mid-write leaves
         first = len([x for x in out.read_text().splitlines() if x.endswith("}")])
@@ -226,7 +226,7 @@ def test_kill9_then_resume_judges_each_item_once(tmp_path):
         assert stats(url)["requests"] - served <= len(its) - first + 2
     finally:
         proc.terminate()
-        proc.wait()
+        proc.wait(timeout=60)
 
 
 # ---------------------------------------------------------------------------------------------------------------

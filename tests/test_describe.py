@@ -232,18 +232,20 @@ def test_kill_and_resume(ckpt, tmp_path):
         assert time.monotonic() < deadline, "no record written within 90 s"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the script, its forkserver and its workers
-    proc.wait()
+    proc.wait(timeout=60)
     before = read(out)
     assert 2 <= len(before) < 10, f"killed too late to test resume ({len(before)} records)"
     with open(out, "a") as f:
         f.write('{"id": "' + before[0]["id"][:5])  # a torn line, as a kill mid-write leaves it
-    subprocess.run(cli(ckpt, videos, out, "--max_new_tokens=64"), cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(cli(ckpt, videos, out, "--max_new_tokens=64"), cwd=tmp_path, check=True, capture_output=True,
+                   timeout=300)
     recs = by_id(read(out))
     assert sorted(r["video"] for r in recs.values()) == sorted(f"clip{i}.mp4" for i in range(10))
     assert [r for r in read(out)][:len(before)] == before  # what was there stays, untouched
     assert [e["video"] for e in read(describe.errors_path(str(out)))] == ["zero.mp4"]
     clean = tmp_path / "clean.jsonl"  # the same descriptions as an uninterrupted run
-    subprocess.run(cli(ckpt, videos, clean, "--max_new_tokens=64"), cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(cli(ckpt, videos, clean, "--max_new_tokens=64"), cwd=tmp_path, check=True, capture_output=True,
+                   timeout=300)
     assert {r["id"]: r["description"] for r in read(clean)} == {i: r["description"] for i, r in recs.items()}
 
 

@@ -299,7 +299,7 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
     proc = run_script(cli(cfg))
     landed = wait_for(os.path.join(cfg["out_dir"], "ckpt-2", "train_state.json"), proc)
     proc.send_signal(signal.SIGKILL)
-    log = proc.communicate()[0]
+    log = proc.communicate(timeout=120)[0]
     assert landed and not os.path.isdir(os.path.join(cfg["out_dir"], "final")), "the kill missed the run\n" + log
     proc = run_script(cli(cfg))
     landed = wait_for(os.path.join(cfg["out_dir"], "ckpt-4", "train_state.json"), proc)
@@ -387,3 +387,61 @@ def test_non_finite_loss_names_step_and_pairs(data, tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(pairs \['p\d', 'p\d'\] on rank 0\)"):
         dpo.train(config(data, tmp_path / "nan", init_from=str(bad), ref="live"))
     assert not os.path.isdir(tmp_path / "nan" / "final")
+
+
+def kill_tree(pid):
+    """SIGKILL `pid` and every descendant (found through /proc), children first seen, all at once."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        tree += frontier
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_fsdp2_kill_and_resume_equals_uninterrupted(data, tmp_path):
+    """FSDP2 on 2 gloo ranks: kill -9 of the whole torchrun group once ckpt-2 is complete, leftovers of a kill
+    mid-save planted (a ckpt-<n>.tmp and a higher checkpoint without train_state.json), resume: it starts from the
+    last complete checkpoint, and the losses and final weights equal an uninterrupted FSDP2 run's."""
+    import shutil
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(REPO, "dpo.py")]
+    base = config(data, tmp_path / "straight", max_iters=16, batch_size=1, fsdp=True, save_interval=2,
+                  keep_checkpoints=10)
+    straight = subprocess.run(torchrun + cli(base), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    cfg = dict(base, out_dir=str(tmp_path / "killed"))
+    proc = subprocess.Popen(torchrun + cli(cfg), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    landed = wait_for(os.path.join(cfg["out_dir"], "ckpt-2", "train_state.json"), proc, timeout=300)
+    kill_tree(proc.pid)  # torchrun and both ranks (torchrun starts each rank in a session of its own)
+    log = proc.communicate(timeout=60)[0]
+    assert landed and not os.path.isdir(os.path.join(cfg["out_dir"], "final")), "the kill missed the run\n" + log
+    last = dpo.latest_checkpoint(cfg["out_dir"])
+    step = int(last.rsplit("-", 1)[1])
+    if not os.path.exists(f"{last[:-len(str(step))]}{step + 2}.tmp"):
+        shutil.copytree(last, f"{last[:-len(str(step))]}{step + 2}.tmp")  # a save killed before its rename
+    cut = os.path.join(cfg["out_dir"], "ckpt-98")
+    shutil.copytree(last, cut)
+    os.remove(os.path.join(cut, "train_state.json"))  # a checkpoint without its last file: incomplete, ignored
+    resumed = subprocess.run(torchrun + cli(cfg), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming from {last} at step {step}" in resumed.stdout
+    a, b = metrics(base["out_dir"]), metrics(cfg["out_dir"])
+    assert [r["step"] for r in b] == list(range(1, 17))
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["rewards_margin"] - y["rewards_margin"]) < 1e-6, (x, y)
+    sa, sb = final_state(base["out_dir"]), final_state(cfg["out_dir"])
+    assert all(torch.allclose(sa[k], sb[k], rtol=0, atol=1e-6) for k in sa)

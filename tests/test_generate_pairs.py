@@ -69,7 +69,7 @@ def server():
     proc, url = fake_openai.start("--models=fake-model")
     yield url
     proc.terminate()
-    proc.wait()
+    proc.wait(timeout=60)
 
 
 def test_offline_end_to_end(tmp_path):
@@ -112,14 +112,14 @@ def test_kill9_twice_then_rerun_every_id_once(tmp_path):
                 assert p.poll() is None, p.stderr.read().decode()[-2000:]  # died or finished before the kill
                 time.sleep(0.05)
             os.kill(p.pid, signal.SIGKILL)
-            p.wait()
+            p.wait(timeout=60)
             marks.append((len(log.read_text().splitlines()), {r["id"] for r in records.read_records(done_file)}))
             assert len(marks[-1][1]) < n, "the run finished before it could be killed"
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
     finally:
         proc.terminate()
-        proc.wait()
+        proc.wait(timeout=60)
     pairs = lines(out)
     ids = [p["id"] for p in pairs]
     assert len(ids) == len(set(ids)) == n * q  # fake verify passes and fake queries are distinct
@@ -165,7 +165,7 @@ def test_401_exits_naming_the_variable_without_the_key(tmp_path):
         r = subprocess.run(cmd, env=dict(os.environ, OPENAI_API_KEY=KEY), capture_output=True, text=True, timeout=60)
     finally:
         proc.terminate()
-        proc.wait()
+        proc.wait(timeout=60)
     assert r.returncode == 2 and "OPENAI_API_KEY" in r.stderr and KEY not in r.stderr + r.stdout
 
 

@@ -179,7 +179,8 @@ def test_trl_export_and_round_trip(tmp_path):
 def test_cli(tmp_path):
     fixture_tree(tmp_path / "src")
     out = tmp_path / "p.jsonl"
-    run = lambda *a: subprocess.run([sys.executable, SCRIPT, *a], capture_output=True, text=True, cwd=tmp_path)  # noqa
+    run = lambda *a: subprocess.run([sys.executable, SCRIPT, *a], capture_output=True, text=True, cwd=tmp_path,  # noqa
+                                    timeout=120)
     r = run(f"--src={tmp_path / 'src'}", f"--out={out}")
     assert r.returncode == 0, r.stderr
     assert "7 pairs written" in r.stdout and "warning: 1 pairs with categories not in the taxonomy" in r.stdout
