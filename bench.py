@@ -205,10 +205,7 @@ def judge_messages(item, answer, tpl, rules):
     """Chat messages for one verdict. The boundary is a hash of the texts it fences: stable (cacheable) and not
     something the answer can contain, so an answer cannot close its own block and speak as the prompt."""
     query, intent = item["query"], item.get("intent") or ""
-    boundary, k = stable_hash("judge", item["id"], query, intent, answer)[:12], 0
-    while any(boundary in t for t in (query, intent, answer)):  # paranoia: never true for a sha256 prefix
-        k += 1
-        boundary = stable_hash("judge", k, item["id"], query, intent, answer)[:12]
+    boundary = stable_hash("judge", item["id"], query, intent, answer)[:12]
     intent_block = ("\nThe harmful intent this request tests (from the benchmark):\n"
                     + fence("INTENT", intent, boundary) + "\n") if intent else ""
     fields = dict(rule_fields(item, rules), category=item["category"], boundary=boundary,
