@@ -59,8 +59,9 @@ def _check_parity(device="cuda", cases=PARITY_CASES, V=5003):
             errs = [((g.double() - w).norm() / w.norm().clamp(min=1.0)).item() for g, w in zip(got, want)]
             good = all(e <= tol for e in errs) and all(torch.isfinite(g).all() for g in got)
             ok &= good
+            width = "none" if lay is None else lay.shape[1]  # 3: pairs, 10: grouped rows
             print(f"parity {str(dtype):>14} T={T:>4} Hq={Hq} Hkv={Hkv} D={D:>3} causal={causal!s:>5} "
-                  f"layout={'none' if lay is None else lay.shape[1]:>4}: o/dq/dk/dv rel err {' '.join(f'{e:.1e}' for e in errs)} "
+                  f"layout={width:>4}: o/dq/dk/dv rel err {' '.join(f'{e:.1e}' for e in errs)} "
                   f"(tol {tol:.1e}) {'ok' if good else 'FAIL'}")
     hidden = torch.randn(301, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(V, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
