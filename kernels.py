@@ -1,20 +1,27 @@
 """
 Triton kernels, each beside a pure-PyTorch reference of the same signature:
 
-    attention(q, k, v, causal=True, layout=None) -> o          # fused attention, fwd + bwd, GQA, prefix-shared pairs
+    attention(q, k, v, causal=True, layout=None) -> o          # fused attention, fwd + bwd, GQA, prefix-shared rows
     fused_logprobs(hidden, weight, targets) -> logp (N,) fp32   # log p(target) without materializing (N, V) logits
 
 Dispatch: CUDA tensors -> Triton; CPU tensors -> the PyTorch reference; with TRITON_INTERPRET=1 set *before this
 module is imported* (Triton decides at decoration time) CPU tensors run the Triton kernels in the interpreter (tests).
 
-The layout rule (one int row [P, C, R] per batch row) covers causal LM, right padding and preference pairs that share a
-prompt: key j is visible to query i iff
-    j <= i  and  i < P+C+R  and  not (i >= P+C and P <= j < P+C)
-i.e. the prefix and first branch are plain causal, the second branch sees the prefix and itself but never the first
-branch, and index >= P+C+R is padding (output exactly 0, never attended). A plain causal row is [len, 0, 0].
+The layout rule. One int row per batch row, [S, q1, c1, r1, ..., qK, cK, rK] (layout (B, 1 + 3K)), lays the row out as
+    [ shared prefix S | q1 c1 r1 | q2 c2 r2 | ... | qK cK rK | padding ]
+(a video's system prompt + video tokens, then per pair its query, chosen and rejected answer). Key j is visible to
+query i iff j <= i and
+    i is in the prefix;  or  i is in branch b's query q_b or chosen c_b and j is in the prefix or in branch b;
+    or  i is in branch b's rejected r_b and j is in the prefix, in q_b or in r_b  (never c_b, never another branch);
+index >= S + sum(branches) is padding (output exactly 0, never attended). Equivalently, key j reaches the queries
+[j, reach(j)): reach = the row's end for prefix keys, the end of c_b for chosen keys, the end of branch b for query and
+rejected keys, nothing for padding (`layout_mask` spells this out densely). Special cases: a plain causal row of
+length n is [n] (K = 0; or [n, 0, 0, 0]); a preference pair is [P, 0, C, R], also accepted as the (B, 3) row
+[P, C, R]; zero-length trailing branches pad a batch to one K. Positions are the packer's job (this op never sees
+them): q_b starts at S, c_b and r_b both start at S + |q_b|.
 
 `python kernels.py` runs the benchmark in tests/bench_kernels.py (CUDA: a parity check, then attention TFLOP/s and
-fused_logprobs; CPU: the reference paths).
+fused_logprobs; CPU: the reference paths and the tiles the kernels visit).
 """
 import os
 
@@ -36,15 +43,29 @@ def _use_triton(t):
 # -----------------------------------------------------------------------------
 # attention: reference (the CPU path, and the documentation of the maths)
 
-def layout_mask(layout, T, device=None):
-    """layout (B, 3) int [P, C, R] -> bool (B, 1, T, T), True where query i may attend key j (the rule above)."""
-    layout = layout.to(device=device, dtype=torch.long)
-    P, C, R = (layout[:, k].view(-1, 1, 1, 1) for k in range(3))
-    i = torch.arange(T, device=device).view(1, 1, T, 1)  # query index
-    j = torch.arange(T, device=device).view(1, 1, 1, T)  # key index
-    second_branch_row = (i >= P + C) & (i < P + C + R)
-    first_branch_key = (j >= P) & (j < P + C)
-    return (j <= i) & (i < P + C + R) & ~(second_branch_row & first_branch_key)
+def grouped_layout(layout):
+    """The one layout form: (B, 1 + 3K) rows [S, q1, c1, r1, ...]; a (B, 3) pair row [P, C, R] becomes [P, 0, C, R]."""
+    if layout.shape[1] == 3:
+        return torch.cat([layout[:, :1], torch.zeros_like(layout[:, :1]), layout[:, 1:]], dim=1)
+    return layout
+
+
+def layout_mask(layout, T):
+    """layout (B, 3) or (B, 1 + 3K) int -> bool (B, 1, T, T), True where query i may attend key j (the rule above,
+    as key j reaching queries [j, reach(j))). Dense: for tests, tile counts and a masked-SDPA fallback."""
+    lay = grouped_layout(layout).long()
+    K = (lay.shape[1] - 1) // 3
+    S = lay[:, :1]  # (B, 1)
+    ends = S + lay[:, 1:].cumsum(1)  # (B, 3K): where q1, c1, r1, q2, ... end
+    L = ends[:, -1:] if K else S  # (B, 1) the row's end
+    j = torch.arange(T, device=lay.device)
+    reach = torch.where(j < S, L, 0)  # (B, T); padding keys reach nothing
+    for b in range(K):
+        q0 = S if b == 0 else ends[:, 3 * b - 1:3 * b]
+        c0, r0, end = ends[:, 3 * b:3 * b + 1], ends[:, 3 * b + 1:3 * b + 2], ends[:, 3 * b + 2:3 * b + 3]
+        reach = torch.where((j >= q0) & (j < end), torch.where((j >= c0) & (j < r0), r0, end), reach)
+    i = j.view(1, T, 1)
+    return ((j.view(1, 1, T) <= i) & (i < reach[:, None, :]))[:, None]
 
 
 def _check_attention_args(q, k, v, causal, layout):
@@ -61,43 +82,73 @@ def _check_attention_args(q, k, v, causal, layout):
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]}) for GQA")
     if layout is not None:
         if not causal:
-            raise ValueError("layout [P, C, R] is a causal rule; pass causal=True or layout=None")
-        if layout.shape != (B, 3) or layout.dtype.is_floating_point:
-            raise ValueError(f"layout must be an int tensor of shape ({B}, 3) holding [P, C, R] per row; "
-                             f"got {layout.dtype} {tuple(layout.shape)}")
-        # checking values needs the host; on CUDA we skip it (no sync per layer) and the kernel clamps to T instead
+            raise ValueError("a layout is a causal rule; pass causal=True or layout=None")
+        width = layout.shape[-1]  # 1 + 3K, or 3 for a pair
+        if (layout.dim() != 2 or layout.shape[0] != B or not (width == 3 or width % 3 == 1)
+                or layout.dtype.is_floating_point or layout.dtype == torch.bool):
+            raise ValueError(f"layout must be an int tensor of shape ({B}, 1 + 3K) holding [S, q1, c1, r1, ..., qK, "
+                             f"cK, rK] per row (or ({B}, 3) holding a pair [P, C, R]); got {layout.dtype} "
+                             f"{tuple(layout.shape)}")
+        # checking values needs the host; on CUDA we skip it (no sync per layer) and the kernel clamps to [0, T]
         if not layout.is_cuda and (bool((layout < 0).any()) or bool((layout.sum(1) > T).any())):
-            raise ValueError(f"layout rows [P, C, R] must be >= 0 with P+C+R <= T={T}; got {layout.tolist()}")
+            raise ValueError(f"layout entries must be >= 0 and sum to <= T={T} per row; got {layout.tolist()}")
+
+
+def _pieces(row):
+    """One row [S, q1, c1, r1, ...] -> its end and the pieces that cover rows [0, end) in order, each
+    ((lo, hi), key ranges, hole): queries [lo, hi) are the last hi - lo of the piece's keys (so the mask is causal on
+    the diagonal and open before it), and hole = (first row, first key, end key) marks a block they must not see.
+    The prefix with q1 and c1 is one plain causal block; r1 attends [prefix | q1 | r1]; a later branch attends
+    [prefix | q_b c_b r_b] with its rejected rows' chosen keys as the hole. One call per later branch ran fwd+bwd
+    1.3x (S=3000, four 275-token branches) to 1.5x (S=819, four 51-token ones) faster than splitting off the rejected
+    rows (2 busy CPU cores, interleaved, best of 3)."""
+    S = start = causal_end = row[0]
+    pieces = []
+    for b in range(len(row) // 3):
+        c0 = start + row[1 + 3 * b]
+        r0 = c0 + row[2 + 3 * b]
+        end = r0 + row[3 + 3 * b]
+        if b == 0:
+            causal_end = r0
+            pieces.append(((r0, end), [(0, c0), (r0, end)], None))
+        else:
+            pieces.append(((start, end), [(0, S), (start, end)], (r0 - start, S + c0 - start, S + r0 - start)))
+        start = end
+    return start, [((0, causal_end), [(0, causal_end)], None)] + pieces
 
 
 def attention_ref(q, k, v, causal=True, layout=None):
     """Reference attention on SDPA with GQA (no repeated K/V). q (B, Hq, T, D), k/v (B, Hkv, T, D) -> o (B, Hq, T, D);
-    scale D**-0.5; padding rows are exactly 0. With a layout each row runs as the rule's two pieces: prefix + first
-    branch is one plain causal block (no mask), and the second branch attends [prefix | itself] through a small
-    (R, P+R) mask. Same maths as masking with `layout_mask`, without the dense (T, T) mask: on CPU a mask costs SDPA
-    1.45x fwd+bwd (`python kernels.py`), and the chosen x rejected block is never computed."""
+    scale D**-0.5; padding rows are exactly 0. With a layout each row runs as the rule's pieces (`_pieces`): the
+    prefix + first query + first chosen is one plain causal block (no mask), every other part attends only its
+    prefix and its own branch through a small (n, keys) mask. Same maths as masking with `layout_mask`, without the
+    dense (T, T) mask: on CPU a mask costs SDPA 1.45x fwd+bwd (`python kernels.py`), and no other branch's block is
+    ever computed."""
     _check_attention_args(q, k, v, causal, layout)
     gqa = q.shape[1] != k.shape[1]
     T = q.shape[2]
     if layout is not None and not layout.is_cuda and bool((layout[:, 0] == T).all()):
-        layout = None  # every row is [T, 0, 0]: one batched plain causal call
+        layout = None  # every row is plain causal over all T: one batched call
     if layout is None:  # the plain fast path: no mask tensor at all
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     rows = []
-    for b, (P, C, R) in enumerate(layout.tolist()):
-        qb, kb, vb = q[b:b + 1], k[b:b + 1], v[b:b + 1]  # (1, H, T, D)
-        PC = P + C
+    for b, row in enumerate(grouped_layout(layout).tolist()):
+        end, pieces = _pieces(row)
         parts = []
-        if PC:
-            parts.append(F.scaled_dot_product_attention(qb[:, :, :PC], kb[:, :, :PC], vb[:, :, :PC], is_causal=True,
-                                                        enable_gqa=gqa))
-        if R:
-            keys, values = (torch.cat([x[:, :, :P], x[:, :, PC:PC + R]], dim=2) for x in (kb, vb))  # (1, H, P+R, D)
-            sees = torch.ones(R, P + R, dtype=torch.bool, device=q.device).tril(diagonal=P)  # all of P, branch <= i
-            parts.append(F.scaled_dot_product_attention(qb[:, :, PC:PC + R], keys, values, attn_mask=sees,
-                                                        enable_gqa=gqa))
-        if T > PC + R:
-            parts.append(q.new_zeros(1, q.shape[1], T - PC - R, q.shape[3]))  # padding rows: exactly 0
+        for (lo, hi), key_ranges, hole in pieces:
+            if hi == lo:
+                continue
+            keys, values = (torch.cat([x[b:b + 1, :, a:z] for a, z in key_ranges if z > a], dim=2) for x in (k, v))
+            n, nk = hi - lo, keys.shape[2]
+            sees = None
+            if n != nk or hole is not None:
+                sees = torch.ones(n, nk, dtype=torch.bool, device=q.device).tril(diagonal=nk - n)
+                if hole is not None:
+                    sees[hole[0]:, hole[1]:hole[2]] = False  # rejected rows never see chosen keys
+            parts.append(F.scaled_dot_product_attention(q[b:b + 1, :, lo:hi], keys, values, attn_mask=sees,
+                                                        is_causal=sees is None, enable_gqa=gqa))
+        if T > end:
+            parts.append(q.new_zeros(1, q.shape[1], T - end, q.shape[3]))  # padding rows: exactly 0
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0)
 
@@ -107,6 +158,7 @@ def attention_ref(q, k, v, causal=True, layout=None):
 # the next power of two (72 -> 128) with masked loads; scores live in base 2 (qk_scale = D**-0.5 * LOG2E).
 # Masked scores get -1e6 rather than -inf so a tile that is fully masked for some row keeps finite statistics; the
 # first real key of that row rescales them away (alpha = exp2(-1e6 - s) == 0).
+# The layout reaches the kernels as (B, 1 + 3K) int32 and K; without one (HAS_LAYOUT False) a row is [T].
 
 @triton.jit
 def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -119,9 +171,95 @@ def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, offs_m, offs_d, lo, hi, P, PC, qk_scale,
-               D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # keys [lo, hi) for one query tile; MASKED applies the causal + branch rule (diagonal / straddling tiles only)
+def _load_layout(LAYOUT, b, T, K, HAS_LAYOUT: tl.constexpr):
+    # -> S (prefix end) and L (row end; >= L is padding), clamped to [0, T] so a bad CUDA layout cannot read out of
+    # bounds (CPU layouts are validated on the host)
+    if HAS_LAYOUT:
+        lay = LAYOUT + b * (1 + 3 * K)
+        S = tl.minimum(tl.maximum(tl.load(lay), 0), T)
+        L = S
+        for i in range(3 * K):
+            L = tl.minimum(L + tl.maximum(tl.load(lay + 1 + i), 0), T)
+        return S, L
+    else:
+        return T, T
+
+
+@triton.jit
+def _branch(LAYOUT, b, T, K, x, HAS_LAYOUT: tl.constexpr):
+    # for indices x (a scalar or a vector): q0 <= c0 <= r0 <= end, the bounds of the branch [q | c | r] that holds x;
+    # all 0 where x is in the prefix or padding
+    q0 = x * 0
+    c0, r0, end = q0, q0, q0
+    if HAS_LAYOUT:
+        lay = LAYOUT + b * (1 + 3 * K)
+        start = tl.minimum(tl.maximum(tl.load(lay), 0), T)
+        for i in range(K):
+            c = tl.minimum(start + tl.maximum(tl.load(lay + 1 + 3 * i), 0), T)
+            r = tl.minimum(c + tl.maximum(tl.load(lay + 2 + 3 * i), 0), T)
+            e = tl.minimum(r + tl.maximum(tl.load(lay + 3 + 3 * i), 0), T)
+            inside = (x >= start) & (x < e)
+            q0 = tl.where(inside, start, q0)
+            c0 = tl.where(inside, c, c0)
+            r0 = tl.where(inside, r, r0)
+            end = tl.where(inside, e, end)
+            start = e
+    return q0, c0, r0, end
+
+
+@triton.jit
+def _reach(LAYOUT, b, T, K, offs_n, S, L, HAS_LAYOUT: tl.constexpr):
+    # the rule, per key: key j is visible to queries [j, reach(j)) (module docstring)
+    q0, c0, r0, end = _branch(LAYOUT, b, T, K, offs_n, HAS_LAYOUT)
+    own = tl.where((offs_n >= c0) & (offs_n < r0), r0, end)  # chosen keys stop at the end of chosen
+    return tl.where(offs_n < S, L, tl.where(offs_n < L, own, 0))
+
+
+@triton.jit
+def _key_ranges(LAYOUT, b, T, K, m0, BLOCK_M: tl.constexpr, S, L, CAUSAL: tl.constexpr, HAS_LAYOUT: tl.constexpr):
+    # the key tiles one query tile [m0, m0+BLOCK_M) needs: unmasked [0, a1), [b0, b1), [c0, c1), masked [d0, d1).
+    # Every live row sees the whole prefix before it: [0, min(m0, S)). A "clean" tile (all rows past the prefix in
+    # one part of one branch) also sees unmasked its branch's query [b0, b1) and its own part so far [c0, c1) (chosen
+    # or rejected), and masks only the diagonal [m0, q_end): a rejected tile never visits chosen keys, no tile visits
+    # another branch's keys. A tile that straddles parts masks everything from its first row's branch on; a prefix
+    # tile is plain causal; a tile of padding rows computes nothing. Non-causal: every key, unmasked.
+    if CAUSAL:
+        q_end = tl.minimum(m0 + BLOCK_M, L)  # keys at or past q_end are invisible to the whole tile
+        live = m0 < L
+        past = live & (m0 >= S)
+        q0, c0, r0, end = _branch(LAYOUT, b, T, K, m0, HAS_LAYOUT)
+        part_start = tl.where(m0 >= r0, r0, tl.where(m0 >= c0, c0, q0))
+        part_end = tl.where(m0 >= r0, end, tl.where(m0 >= c0, r0, c0))
+        clean = past & (q_end <= part_end)
+        a1 = tl.where(live, tl.minimum(m0, S), 0)
+        b1 = tl.where(clean, tl.minimum(c0, m0), q0)
+        own0 = tl.where(clean & (m0 >= c0), part_start, m0)  # chosen or rejected: its own earlier rows
+        d0 = tl.where(past & ~clean, q0, m0)
+        return a1, q0, b1, own0, m0, d0, tl.where(live, q_end, d0)
+    else:
+        return L, 0, 0, 0, 0, 0, 0
+
+
+@triton.jit
+def _query_ranges(n0, BLOCK_N: tl.constexpr, reach, offs_n, L, CAUSAL: tl.constexpr):
+    # the query rows that see key tile [n0, n0+BLOCK_N) (each key j reaches rows [j, reach(j))): masked [lo, mid),
+    # unmasked [mid, e0), masked [e0, hi). The diagonal rows need the mask; rows past the tile see every key of it
+    # up to the smallest reach e0, some of it up to the largest hi (a tile straddling parts). Padding keys: no rows.
+    if CAUSAL:
+        live = n0 < L
+        hi = tl.max(reach, 0)
+        mid = tl.minimum(n0 + BLOCK_N, hi)
+        e0 = tl.maximum(mid, tl.min(tl.where(offs_n < L, reach, hi), 0))  # padding keys reach 0: left out
+        return n0, tl.where(live, mid, n0), tl.where(live, e0, n0), tl.where(live, hi, n0)
+    else:
+        return 0, 0, L, L
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, offs_m, offs_d, lo, hi, LAYOUT, b, T, NB, S, L, qk_scale,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # keys [lo, hi) for one query tile; MASKED applies the rule (diagonal / straddling tiles only)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < hi) & (offs_d[None, :] < D)
@@ -129,9 +267,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, offs_m, offs_d, lo, hi, P, PC,
         qk = _dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale  # (BM, BN)
         keep = offs_n[None, :] < hi
         if MASKED:
-            second = offs_m[:, None] >= PC
-            first_key = (offs_n[None, :] >= P) & (offs_n[None, :] < PC)
-            keep = keep & (offs_n[None, :] <= offs_m[:, None]) & ~(second & first_key)
+            reach = _reach(LAYOUT, b, T, NB, offs_n, S, L, HAS_LAYOUT)
+            keep = keep & (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < reach[None, :])
         qk = tl.where(keep, qk, -1.0e6)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -144,63 +281,16 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, offs_m, offs_d, lo, hi, P, PC,
 
 
 @triton.jit
-def _load_layout(LAYOUT, b, T, HAS_LAYOUT: tl.constexpr):
-    # -> P, P+C, P+C+R clamped to T (out-of-range layouts cannot read out of bounds)
-    if HAS_LAYOUT:
-        P = tl.load(LAYOUT + b * 3).to(tl.int32)
-        C = tl.load(LAYOUT + b * 3 + 1).to(tl.int32)
-        R = tl.load(LAYOUT + b * 3 + 2).to(tl.int32)
-        return tl.minimum(P, T), tl.minimum(P + C, T), tl.minimum(P + C + R, T)
-    else:
-        return T, T, T
-
-
-@triton.jit
-def _key_ranges(m0, BLOCK_M: tl.constexpr, P, PC, L, CAUSAL: tl.constexpr):
-    # the key tiles one query tile [m0, m0+BLOCK_M) needs: unmasked [0, a1) and [b0, b1), masked [c0, c1).
-    # A tile wholly in the second branch skips the first branch's keys [P, P+C) (the saving prefix sharing buys);
-    # a prefix / first-branch tile is plain causal; the one tile that straddles P+C applies the full rule;
-    # a tile made only of padding rows computes nothing. Non-causal: every key, unmasked.
-    if CAUSAL:
-        q_end = tl.minimum(m0 + BLOCK_M, L)  # keys at or past q_end are invisible to the whole tile
-        live = m0 < L
-        second = live & (m0 >= PC)
-        plain = live & (q_end <= PC)
-        a1 = tl.where(second, P, tl.where(plain, m0, 0))
-        b1 = tl.where(second, m0, PC)
-        c0 = tl.where(second | plain, m0, 0)
-        return a1, PC, b1, c0, tl.where(live, q_end, 0)
-    else:
-        return L, 0, 0, 0, 0
-
-
-@triton.jit
-def _query_ranges(n0, BLOCK_N: tl.constexpr, P, PC, L, CAUSAL: tl.constexpr):
-    # the query rows that see key tile [n0, n0+BLOCK_N): masked [lo, mid), unmasked [mid, hi). First-branch keys are
-    # read by rows < P+C only, prefix and second-branch keys by rows < P+C+R; only the diagonal rows need the mask,
-    # except for a key tile that straddles P or P+C (masked throughout). Padding keys: no rows, zero gradient.
-    if CAUSAL:
-        k_end = tl.minimum(n0 + BLOCK_N, L)
-        live = n0 < L
-        first = (n0 >= P) & (k_end <= PC)
-        clean = (k_end <= P) | (n0 >= PC) | first
-        hi = tl.where(first, PC, L)
-        mid = tl.where(clean, tl.minimum(n0 + BLOCK_N, hi), hi)
-        return n0, tl.where(live, mid, n0), tl.where(live, hi, n0)
-    else:
-        return 0, 0, L
-
-
-@triton.jit
-def _attn_fwd(Q, K, V, O, LSE, LAYOUT, qk_scale, T, H, G,
+def _attn_fwd(Q, K, V, O, LSE, LAYOUT, NB, qk_scale, T, H, G,
               sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
               HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # one query tile of one head; NB = K, the layout's branch count (K names the key pointer here)
     pid_m = tl.program_id(0)
     b = (tl.program_id(1) // H).to(tl.int64)  # int64: b * stride passes 2**31 elements on long batches
     h = tl.program_id(1) % H
-    P, PC, L = _load_layout(LAYOUT, b, T, HAS_LAYOUT)
+    S, L = _load_layout(LAYOUT, b, T, NB, HAS_LAYOUT)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -211,13 +301,15 @@ def _attn_fwd(Q, K, V, O, LSE, LAYOUT, qk_scale, T, H, G,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    a1, b0, b1, c0, c1 = _key_ranges(m0, BLOCK_M, P, PC, L, CAUSAL)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, 0, a1, P, PC, qk_scale,
-                               D, BLOCK_N, False, PREC, UPCAST)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, b0, b1, P, PC, qk_scale,
-                               D, BLOCK_N, False, PREC, UPCAST)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, c0, c1, P, PC, qk_scale,
-                               D, BLOCK_N, True, PREC, UPCAST)
+    a1, b0, b1, c0, c1, d0, d1 = _key_ranges(LAYOUT, b, T, NB, m0, BLOCK_M, S, L, CAUSAL, HAS_LAYOUT)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, 0, a1, LAYOUT, b, T, NB, S, L,
+                               qk_scale, D, BLOCK_N, False, HAS_LAYOUT, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, b0, b1, LAYOUT, b, T, NB, S, L,
+                               qk_scale, D, BLOCK_N, False, HAS_LAYOUT, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, c0, c1, LAYOUT, b, T, NB, S, L,
+                               qk_scale, D, BLOCK_N, False, HAS_LAYOUT, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, skt, offs_m, offs_d, d0, d1, LAYOUT, b, T, NB, S, L,
+                               qk_scale, D, BLOCK_N, True, HAS_LAYOUT, PREC, UPCAST)
     row_ok = offs_m < L
     l_safe = tl.where(row_ok, l_i, 1.0)
     o = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
@@ -228,8 +320,9 @@ def _attn_fwd(Q, K, V, O, LSE, LAYOUT, qk_scale, T, H, G,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, offs_m, offs_d, lo, hi, P, PC, L, qk_scale,
-              D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, offs_m, offs_d, lo, hi, LAYOUT, b, T, NB, S, L, qk_scale,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < hi) & (offs_d[None, :] < D)
@@ -238,9 +331,8 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, offs_m, offs_d, lo, hi, P,
         qk = _dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
         keep = (offs_n[None, :] < hi) & (offs_m[:, None] < L)
         if MASKED:
-            second = offs_m[:, None] >= PC
-            first_key = (offs_n[None, :] >= P) & (offs_n[None, :] < PC)
-            keep = keep & (offs_n[None, :] <= offs_m[:, None]) & ~(second & first_key)
+            reach = _reach(LAYOUT, b, T, NB, offs_n, S, L, HAS_LAYOUT)
+            keep = keep & (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < reach[None, :])
         p = tl.where(keep, tl.exp2(qk - lse[:, None]), 0.0)  # softmax recomputed from the saved LSE
         dp = _dot(do, tl.trans(v), None, PREC, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -249,7 +341,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, offs_m, offs_d, lo, hi, P,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, G,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, NB, qk_scale, sm_scale, T, H, G,
                  sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
                  HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -258,7 +350,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, 
     pid_m = tl.program_id(0)
     b = (tl.program_id(1) // H).to(tl.int64)  # int64: b * stride passes 2**31 elements on long batches
     h = tl.program_id(1) % H
-    P, PC, L = _load_layout(LAYOUT, b, T, HAS_LAYOUT)
+    S, L = _load_layout(LAYOUT, b, T, NB, HAS_LAYOUT)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -270,20 +362,22 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, 
     K += b * skb + (h // G) * skh
     V += b * skb + (h // G) * skh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    a1, b0, b1, c0, c1 = _key_ranges(m0, BLOCK_M, P, PC, L, CAUSAL)  # exactly the forward's tiles
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, 0, a1, P, PC, L, qk_scale,
-                   D, BLOCK_N, False, PREC, UPCAST)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, b0, b1, P, PC, L, qk_scale,
-                   D, BLOCK_N, False, PREC, UPCAST)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, c0, c1, P, PC, L, qk_scale,
-                   D, BLOCK_N, True, PREC, UPCAST)
+    a1, b0, b1, c0, c1, d0, d1 = _key_ranges(LAYOUT, b, T, NB, m0, BLOCK_M, S, L, CAUSAL, HAS_LAYOUT)  # as forward
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, 0, a1, LAYOUT, b, T, NB, S, L, qk_scale,
+                   D, BLOCK_N, False, HAS_LAYOUT, PREC, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, b0, b1, LAYOUT, b, T, NB, S, L, qk_scale,
+                   D, BLOCK_N, False, HAS_LAYOUT, PREC, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, c0, c1, LAYOUT, b, T, NB, S, L, qk_scale,
+                   D, BLOCK_N, False, HAS_LAYOUT, PREC, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, skt, offs_m, offs_d, d0, d1, LAYOUT, b, T, NB, S, L, qk_scale,
+                   D, BLOCK_N, True, HAS_LAYOUT, PREC, UPCAST)
     dq = dq * sm_scale  # s = sm_scale * q.k, so ds/dq = sm_scale * k
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=qd_mask)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dt, offs_n, offs_d, lo, hi, P, PC, qk_scale,
+def _dkdv_tiles(dk, dv, k, v, reach, Q, DO, LSE, DELTA, stride_qt, stride_dt, offs_n, offs_d, lo, hi, qk_scale,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # query rows [lo, hi) against one key tile, computed transposed: (BN, BM) score tiles
     for start_m in range(lo, hi, BLOCK_M):
@@ -295,9 +389,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dt, offs_n, o
         qkT = _dot(k, qT, None, PREC, UPCAST) * qk_scale  # (BN, BM)
         keep = offs_m[None, :] < hi
         if MASKED:
-            second = offs_m[None, :] >= PC
-            first_key = (offs_n[:, None] >= P) & (offs_n[:, None] < PC)
-            keep = keep & (offs_n[:, None] <= offs_m[None, :]) & ~(second & first_key)
+            keep = keep & (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < reach[:, None])
         pT = tl.where(keep, tl.exp2(qkT - lse[None, :]), 0.0)
         do = tl.load(DO + offs_m[:, None] * stride_dt + offs_d[None, :],
                      mask=(offs_m[:, None] < hi) & (offs_d[None, :] < D), other=0.0)  # (BM, BD)
@@ -309,17 +401,17 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dt, offs_n, o
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LAYOUT, qk_scale, sm_scale, T, H, G,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LAYOUT, NB, qk_scale, sm_scale, T, H, G,
                    sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
                    HAS_LAYOUT: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
     # one key tile of one kv head; loops over the G query heads that share it (GQA without atomics) and over the
     # query rows that can see it (_query_ranges)
     pid_n = tl.program_id(0)
     b = (tl.program_id(1) // (H // G)).to(tl.int64)
     hk = tl.program_id(1) % (H // G)
-    P, PC, L = _load_layout(LAYOUT, b, T, HAS_LAYOUT)
+    S, L = _load_layout(LAYOUT, b, T, NB, HAS_LAYOUT)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -328,17 +420,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LAYOUT, qk_scale, sm_scale, 
     v = tl.load(V + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kd_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, mid, hi = _query_ranges(n0, BLOCK_N, P, PC, L, CAUSAL)
+    reach = _reach(LAYOUT, b, T, NB, offs_n, S, L, HAS_LAYOUT)  # (BN,) key j is seen by rows [j, reach(j))
+    lo, mid, e0, hi = _query_ranges(n0, BLOCK_N, reach, offs_n, L, CAUSAL)
     for g in range(G):
         h = hk * G + g
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdb + h * sdh
         LSEh = LSE + (b * H + h) * T
         DELTAh = DELTA + (b * H + h) * T
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d, lo, mid, P, PC,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, reach, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d, lo, mid,
                              qk_scale, D, BLOCK_M, True, PREC, UPCAST)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d, mid, hi, P, PC,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, reach, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d, mid, e0,
                              qk_scale, D, BLOCK_M, False, PREC, UPCAST)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, reach, Qh, DOh, LSEh, DELTAh, sqt, sdt, offs_n, offs_d, e0, hi,
+                             qk_scale, D, BLOCK_M, True, PREC, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kd_mask)
@@ -364,6 +459,11 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _kernel_layout(layout, dummy):
+    # -> the layout pointer and K, the branch count; without a layout a dummy pointer, never read (HAS_LAYOUT False)
+    return (layout, (layout.shape[1] - 1) // 3) if layout is not None else (dummy, 0)
+
+
 def _attn_forward(q, k, v, causal, layout):
     B, H, T, D = q.shape
     G = H // k.shape[1]
@@ -371,9 +471,9 @@ def _attn_forward(q, k, v, causal, layout):
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base 2
     cfg = _attn_config(D, q.device, q.dtype)
     BM, BN = cfg["fwd"]
-    lay = layout if layout is not None else lse  # a dummy pointer, never read when HAS_LAYOUT is False
+    lay, NB = _kernel_layout(layout, lse)
     _attn_fwd[(triton.cdiv(T, BM), B * H)](
-        q, k, v, o, lse, lay, D ** -0.5 * LOG2E, T, H, G,
+        q, k, v, o, lse, lay, NB, D ** -0.5 * LOG2E, T, H, G,
         *q.stride()[:3], *k.stride()[:3], *o.stride()[:3],
         HAS_LAYOUT=layout is not None, CAUSAL=causal, D=D, BLOCK_M=BM, BLOCK_N=BN,
         BLOCK_D=triton.next_power_of_2(D), PREC=_prec(q.dtype), UPCAST=_INTERPRET, **cfg["opts"])
@@ -386,15 +486,15 @@ def _attn_backward(q, k, v, o, lse, do, causal, layout):
     delta = (o.float() * do.float()).sum(-1)  # (B, H, T) rowsum(dO * O), the softmax-backward correction
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cfg = _attn_config(D, q.device, q.dtype)
-    lay = layout if layout is not None else lse
+    lay, NB = _kernel_layout(layout, lse)
     common = dict(HAS_LAYOUT=layout is not None, CAUSAL=causal, D=D, BLOCK_D=triton.next_power_of_2(D),
                   PREC=_prec(q.dtype), UPCAST=_INTERPRET, **cfg["opts"])
     strides = (*q.stride()[:3], *k.stride()[:3], *do.stride()[:3])
     BM, BN = cfg["dq"]
-    _attn_bwd_dq[(triton.cdiv(T, BM), B * H)](q, k, v, do, dq, lse, delta, lay, D ** -0.5 * LOG2E, D ** -0.5,
+    _attn_bwd_dq[(triton.cdiv(T, BM), B * H)](q, k, v, do, dq, lse, delta, lay, NB, D ** -0.5 * LOG2E, D ** -0.5,
                                               T, H, G, *strides, BLOCK_M=BM, BLOCK_N=BN, **common)
     BM, BN = cfg["dkdv"]
-    _attn_bwd_dkdv[(triton.cdiv(T, BN), B * (H // G))](q, k, v, do, dk, dv, lse, delta, lay, D ** -0.5 * LOG2E,
+    _attn_bwd_dkdv[(triton.cdiv(T, BN), B * (H // G))](q, k, v, do, dk, dv, lse, delta, lay, NB, D ** -0.5 * LOG2E,
                                                        D ** -0.5, T, H, G, *strides, BLOCK_M=BM, BLOCK_N=BN,
                                                        **common)
     return dq, dk, dv
@@ -405,7 +505,8 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, causal, layout):
         # contiguous (B, H, T, D): k and v then share strides, and dq/dk/dv mirror q/k/v
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        layout = layout.to(device=q.device, dtype=torch.int32).contiguous() if layout is not None else None
+        if layout is not None:  # (B, 1 + 3K) int32, whichever form came in
+            layout = grouped_layout(layout).to(device=q.device, dtype=torch.int32).contiguous()
         o, lse = _attn_forward(q, k, v, causal, layout)
         ctx.save_for_backward(q, k, v, o, lse, layout)
         ctx.causal = causal
@@ -420,8 +521,9 @@ class _Attention(torch.autograd.Function):
 
 def attention(q, k, v, causal=True, layout=None):
     """Fused attention. q (B, Hq, T, D), k/v (B, Hkv, T, D) with Hq % Hkv == 0 -> o (B, Hq, T, D), q's dtype.
-    causal=False: bidirectional (vision tower). layout (B, 3) int [P, C, R]: the prefix-sharing rule in the module
-    docstring (padding rows come out exactly 0). Scale D**-0.5. CUDA -> Triton, CPU -> attention_ref."""
+    causal=False: bidirectional (vision tower). layout (B, 1 + 3K) int [S, q1, c1, r1, ..., qK, cK, rK] (or a pair
+    (B, 3) [P, C, R]): the prefix-sharing rule in the module docstring; padding rows come out exactly 0, and tiles
+    the rule fully masks are never visited. Scale D**-0.5. CUDA -> Triton, CPU -> attention_ref."""
     _check_attention_args(q, k, v, causal, layout)
     if not _use_triton(q):
         return attention_ref(q, k, v, causal, layout)

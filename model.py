@@ -400,8 +400,9 @@ class VLM(nn.Module):
     def forward(self, input_ids, pixel_values_videos=None, position_ids=None, layout=None, video_features=None,
                 return_hidden=False):
         """Logits (B, T, V), or final-normed hidden states (B, T, H) with return_hidden=True.
-        position_ids (B, T) default 0..T-1 (the caller restarts them for a prefix-shared second branch);
-        layout (B, 3) rows [P, C, R] as in kernels.attention (None: plain causal)."""
+        position_ids (B, T) default 0..T-1 (the caller restarts them for prefix-shared branches);
+        layout (B, 1 + 3K) rows [S, q1, c1, r1, ...] or (B, 3) pairs [P, C, R], as in kernels.attention (None:
+        plain causal)."""
         x = self.embed(input_ids, pixel_values_videos, video_features)
         if position_ids is None:
             position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)

@@ -7,15 +7,20 @@ ever taken from wrong kernels), then attention TFLOP/s fwd/bwd vs SDPA (and flas
 64/128 and T = 1k..16k, causal and 90%-prefix pair layouts, the pair row vs causal attention over the duplicated
 sequence, and fused_logprobs vs naive (time and peak memory, each peak in a fresh process).
 CPU: the reference attention paths and fused_logprobs vs naive.
+Both: the key/query tiles the attention kernels visit at issue 15's video-grouped shape, counted by the kernels' own
+range logic (on CPU in a child process under TRITON_INTERPRET=1: `python tests/bench_kernels.py --tiles`).
 """
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import IGNORE_INDEX, attention, attention_ref, fused_logprobs, fused_logprobs_ref  # noqa: E402
+from kernels import (IGNORE_INDEX, _attn_config, _key_ranges, _load_layout, _query_ranges, _reach,  # noqa: E402
+                     attention, attention_ref, fused_logprobs, fused_logprobs_ref, grouped_layout, layout_mask)
 
 
 def _pairs(P, C, R):
@@ -28,6 +33,12 @@ PARITY_CASES = [(torch.float32, 130, 6, 2, 72), (torch.bfloat16, 1000, 8, 2, 128
                 (torch.float32, 17, 3, 1, 64)]  # (dtype, T, Hq, Hkv, D)
 
 
+def _grouped_rows(T):
+    # 3 grouped rows, K = 3: ragged branches (one with an empty query), a pair with padding, a prefix then padding
+    S, q, c, r = T // 3, T // 40 + 1, T // 14, T // 16
+    return [[S, q, c, r, q + 1, c - 1, r, 0, c, r + 1], [S, 0, T // 5, T // 5] + [0] * 6, [T - 3] + [0] * 9]
+
+
 def _check_parity(device="cuda", cases=PARITY_CASES, V=5003):
     # run first on a GPU: Triton vs the fp64 reference on odd shapes, outputs and gradients (normwise relative error;
     # tolerance as in tests/test_kernels.py: 2**7 ulps fp32, 1 ulp bf16). Returns False on any miss.
@@ -35,7 +46,8 @@ def _check_parity(device="cuda", cases=PARITY_CASES, V=5003):
     for dtype, T, Hq, Hkv, D in cases:
         P = T // 2
         layout = torch.tensor([[T, 0, 0], [P, T // 5, T - P - T // 5 - 3], [0, T // 3, T // 4]], device=device)
-        for causal, lay in ((True, None), (True, layout), (False, None)):
+        grouped = torch.tensor(_grouped_rows(T), device=device)
+        for causal, lay in ((True, None), (True, layout), (True, grouped), (False, None)):
             q, k, v = (torch.randn(3, h, T, D, device=device, dtype=dtype, requires_grad=True) for h in (Hq, Hkv, Hkv))
             do = torch.randn_like(q)
             got = [attention(q, k, v, causal, lay)]
@@ -47,8 +59,9 @@ def _check_parity(device="cuda", cases=PARITY_CASES, V=5003):
             errs = [((g.double() - w).norm() / w.norm().clamp(min=1.0)).item() for g, w in zip(got, want)]
             good = all(e <= tol for e in errs) and all(torch.isfinite(g).all() for g in got)
             ok &= good
+            width = "none" if lay is None else lay.shape[1]  # 3: pairs, 10: grouped rows
             print(f"parity {str(dtype):>14} T={T:>4} Hq={Hq} Hkv={Hkv} D={D:>3} causal={causal!s:>5} "
-                  f"layout={lay is not None!s:>5}: o/dq/dk/dv rel err {' '.join(f'{e:.1e}' for e in errs)} "
+                  f"layout={width:>4}: o/dq/dk/dv rel err {' '.join(f'{e:.1e}' for e in errs)} "
                   f"(tol {tol:.1e}) {'ok' if good else 'FAIL'}")
     hidden = torch.randn(301, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(V, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -120,26 +133,95 @@ def _bench_attention(dtype=torch.bfloat16):
 
 
 def _bench_attention_cpu(B=2, Hq=14, Hkv=2, T=1024, D=64, rounds=3):
-    # the CPU path is the SDPA reference: what a layout costs there, and a pair row vs its two causal rows, fwd+bwd
+    # the CPU path is the SDPA reference: what a layout costs there, a pair row vs its two causal rows, and a grouped
+    # row of 4 pairs (prefix 80%) vs its 4 pair rows, fwd+bwd
     import time
     P, C = int(0.9 * T), (T - int(0.9 * T)) // 2
     R = T - P - C
-    q, k, v = (torch.randn(B, h, T, D, requires_grad=True) for h in (Hq, Hkv, Hkv))
-    dup = [torch.randn(2 * B, h, P + max(C, R), D, requires_grad=True) for h in (Hq, Hkv, Hkv)]
+    S, n = int(0.8 * T), (T - int(0.8 * T)) // 4  # grouped: 4 branches of n tokens, query n // 5, c = r
+    q0, c0 = n // 5, (n - n // 5) // 2
+    grouped = [S] + [q0, c0, n - q0 - c0] * 4
+    qkv = lambda rows, T: [torch.randn(rows, h, T, D, requires_grad=True) for h in (Hq, Hkv, Hkv)]
+    q, k, v = qkv(B, T)
     runs = {"is_causal (layout=None)": ((q, k, v), None), "layout [T, 0, 0]": ((q, k, v), [T, 0, 0]),
             f"pair layout [{P}, {C}, {R}]": ((q, k, v), [P, C, R]),
-            f"2 causal rows of {P + max(C, R)}": (dup, None)}
+            f"2 causal rows of {P + max(C, R)}": (qkv(2 * B, P + max(C, R)), None),
+            f"grouped [{S} | {q0} {c0} {n - q0 - c0}] x 4": ((q, k, v), grouped),
+            f"4 pair rows [{S + q0}, {c0}, {n - q0 - c0}]": (qkv(4 * B, S + n), [S + q0, c0, n - q0 - c0])}
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):  # interleaved in one process
         for name, (x, lay) in runs.items():
-            lay = torch.tensor([lay] * B) if lay is not None else None
+            lay = torch.tensor([lay] * x[0].shape[0]) if lay is not None else None
             t0 = time.perf_counter()
             torch.autograd.grad(attention(*x, layout=lay).sum(), x)
             best[name] = min(best[name], time.perf_counter() - t0)
     base = best["is_causal (layout=None)"]
     print(f"attention reference (CPU path) fwd+bwd, B={B} rows, Hq={Hq} Hkv={Hkv} T={T} D={D} fp32, best of {rounds}:")
     for name, t in best.items():
-        print(f"  {name:>24}: {t * 1e3:7.1f} ms ({t / base:.2f}x)")
+        print(f"  {name:>32}: {t * 1e3:7.1f} ms ({t / base:.2f}x)")
+
+
+@triton.jit
+def _count_key_tiles(LAYOUT, NB, COUNT, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # per query tile: the BLOCK_N key tiles _attn_fwd (and _attn_bwd_dq, same ranges) loads
+    b = tl.program_id(1).to(tl.int64)
+    S, L = _load_layout(LAYOUT, b, T, NB, True)
+    a1, b0, b1, c0, c1, d0, d1 = _key_ranges(LAYOUT, b, T, NB, tl.program_id(0) * BLOCK_M, BLOCK_M, S, L, True, True)
+    n = (tl.cdiv(a1, BLOCK_N) + tl.cdiv(tl.maximum(b1 - b0, 0), BLOCK_N) + tl.cdiv(tl.maximum(c1 - c0, 0), BLOCK_N)
+         + tl.cdiv(tl.maximum(d1 - d0, 0), BLOCK_N))
+    tl.store(COUNT + b * tl.num_programs(0) + tl.program_id(0), n)
+
+
+@triton.jit
+def _count_query_tiles(LAYOUT, NB, COUNT, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # per key tile: the BLOCK_M query tiles _attn_bwd_dkdv loads (per query head)
+    b = tl.program_id(1).to(tl.int64)
+    S, L = _load_layout(LAYOUT, b, T, NB, True)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    reach = _reach(LAYOUT, b, T, NB, offs_n, S, L, True)
+    lo, mid, e0, hi = _query_ranges(n0, BLOCK_N, reach, offs_n, L, True)
+    n = (tl.cdiv(tl.maximum(mid - lo, 0), BLOCK_M) + tl.cdiv(tl.maximum(e0 - mid, 0), BLOCK_M)
+         + tl.cdiv(tl.maximum(hi - e0, 0), BLOCK_M))
+    tl.store(COUNT + b * tl.num_programs(0) + tl.program_id(0), n)
+
+
+def _tiles(layout, T, blocks, device, count_kernel):
+    # -> (tiles the kernel visits, tiles holding at least one visible pair: the least any tiling can visit)
+    BM, BN = blocks
+    lay = grouped_layout(layout).to(device=device, dtype=torch.int32).contiguous()
+    grid = (triton.cdiv(T, BM if count_kernel is _count_key_tiles else BN), lay.shape[0])
+    count = torch.zeros(grid[1], grid[0], dtype=torch.int32, device=device)
+    count_kernel[grid](lay, (lay.shape[1] - 1) // 3, count, T, BLOCK_M=BM, BLOCK_N=BN)
+    Tp = triton.cdiv(T, BM * BN) * BM * BN  # padded so the mask splits into whole tiles
+    mask = layout_mask(layout, Tp)[:, 0].view(-1, Tp // BM, BM, Tp // BN, BN)
+    return int(count.sum()), int(mask.any(4).any(2).sum())
+
+
+def _bench_tiles(device, S=6273, k=4, nq=50, nc=250, nr=250, D=128):
+    # issue 15's shape (LLaVA-OneVision, 32 frames: 32*196+1 video tokens; 4 pairs per video) at the CUDA bf16 tiles
+    cfg = _attn_config(D, torch.device("cuda"), torch.bfloat16)
+    rows = {  # name -> (layout, T)
+        f"grouped row [S | q c r] x {k}": ([[S] + [nq, nc, nr] * k], S + k * (nq + nc + nr)),
+        "causal over the same row": ([[S + k * (nq + nc + nr)]], S + k * (nq + nc + nr)),
+        f"{k} pair rows [S+q, c, r]": ([[S + nq, nc, nr]] * k, S + nq + nc + nr),
+        f"{2 * k} duplicated causal rows": ([[S + nq + nc]] * (2 * k), S + nq + nc),
+    }
+    print(f"attention tiles visited per head, S={S} + {k} x (q {nq}, c {nc}, r {nr}), CUDA bf16 D={D} tiles: "
+          f"fwd and dq {cfg['fwd'][0]}x{cfg['fwd'][1]}, dkdv {cfg['dkdv'][0]}x{cfg['dkdv'][1]} "
+          f"(least = tiles holding a visible pair)")
+    print(f"{'layout':>30} {'tokens':>7} {'fwd/dq tiles':>13} {'least':>7} {'dkdv tiles':>11} {'least':>7} "
+          f"{'vs grouped':>10}")
+    base = None
+    for name, (lay, T) in rows.items():
+        lay = torch.tensor(lay)
+        fwd, fwd_least = _tiles(lay, T, cfg["fwd"], device, _count_key_tiles)
+        bwd, bwd_least = _tiles(lay, T, cfg["dkdv"], device, _count_query_tiles)
+        # tile areas differ between the kernels: compare layouts by visited (query, key) area, fwd + dq + dkdv
+        area = 2 * fwd * cfg["fwd"][0] * cfg["fwd"][1] + bwd * cfg["dkdv"][0] * cfg["dkdv"][1]
+        base = base or area
+        print(f"{name:>30} {int(lay.sum()):>7} {fwd:>13} {fwd_least:>7} {bwd:>11} {bwd_least:>7} "
+              f"{area / base:>9.2f}x")
 
 
 def _logprobs_inputs(N, V, d, device, dtype):
@@ -208,13 +290,20 @@ def main():
         impl, N, V, d, device, dtype = sys.argv[2:8]
         print(_logprobs_peak_child(impl, int(N), int(V), int(d), device, getattr(torch, dtype)))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--tiles":  # on CPU: run with TRITON_INTERPRET=1
+        _bench_tiles("cuda" if torch.cuda.is_available() else "cpu")
+        return
     if torch.cuda.is_available():
         if not _check_parity():
             sys.exit("parity check failed on CUDA: the numbers below would be for wrong kernels, so none are taken")
+        _bench_tiles("cuda")
         _bench_attention()
         _bench_logprobs("cuda", Ns=(4096,), N_time=4096, dtype=torch.bfloat16, rounds=5)
     else:
-        print("no CUDA device: the Triton kernels are benchmarked on GPUs only; CPU paths below")
+        print("no CUDA device: the Triton kernels are benchmarked on GPUs only; their tile counts and CPU paths below")
+        import subprocess
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--tiles"], check=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
         _bench_attention_cpu()
         _bench_logprobs("cpu", Ns=(256, 1024), N_time=256)
 

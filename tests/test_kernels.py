@@ -2,9 +2,10 @@
 kernels.py against fp64 oracles written out naively here: attention (the Triton kernels under the Triton CPU
 interpreter, and the SDPA reference that is the CPU path) and fused_logprobs (Triton per-chunk kernels under the
 interpreter, and the chunked PyTorch CPU path). Outputs and every gradient, tiny odd shapes, GQA, mixed [P, C, R]
-layouts with padding and empty branches, bf16 and fp32; plus the prefix-sharing invariant.
+and grouped [S, q1, c1, r1, ...] layouts with padding and empty parts, bf16 and fp32, at the interpreter's 16x16 tiles
+and at the CUDA tile sizes; plus the prefix-sharing invariant (a grouped row equals its branches as causal rows).
 
-Run: .venv/bin/python -m pytest -q tests/test_kernels.py   (~1 min on 2 cores; shapes stay tiny for the interpreter)
+Run: .venv/bin/python -m pytest -q tests/test_kernels.py   (~3.5 min on 2 cores; shapes stay tiny for the interpreter)
 """
 import os
 import subprocess
@@ -58,12 +59,32 @@ def assert_close(got, want, dtype, what):
 # -----------------------------------------------------------------------------
 # attention oracle: fp64, repeated K/V, masks from the rule spelled out per (i, j)
 
-def allowed(i, j, P, C, R):
-    if i >= P + C + R or j > i:  # padding queries see nothing; causal
+def parts(row, T):
+    """Each index's part of a layout row: ("S",) prefix, ("q" / "c" / "r", branch), or None (padding)."""
+    if len(row) == 3:  # a pair [P, C, R] is [P, 0, C, R]
+        row = [row[0], 0, row[1], row[2]]
+    labels = [("S",)] * row[0]
+    for b in range((len(row) - 1) // 3):
+        for name, n in zip("qcr", row[1 + 3 * b:4 + 3 * b]):
+            labels += [(name, b)] * n
+    return labels + [None] * (T - len(labels))
+
+
+def allowed(i, j, part_i, part_j):
+    if part_i is None or j > i:  # padding queries see nothing; causal
         return False
-    if i >= P + C and P <= j < P + C:  # the second branch never sees the first
-        return False
-    return True
+    if part_j == ("S",):  # every real query sees the prefix before it
+        return True
+    # otherwise same branch, and a key in the branch's query or in the query's own part (never chosen from rejected)
+    return part_i[1] == part_j[1] and (part_j[0] == "q" or part_j[0] == part_i[0])
+
+
+def oracle_mask(layout, T):
+    masks = []
+    for row in layout.tolist():
+        p = parts(row, T)
+        masks.append([[allowed(i, j, p[i], p[j]) for j in range(T)] for i in range(T)])
+    return torch.tensor(masks)[:, None]  # (B, 1, T, T)
 
 
 def naive_attention(q, k, v, causal, layout):
@@ -72,12 +93,11 @@ def naive_attention(q, k, v, causal, layout):
     k = k.repeat_interleave(H // k.shape[1], dim=1)
     v = v.repeat_interleave(H // v.shape[1], dim=1)
     if layout is None:
-        layout = torch.tensor([[T, 0, 0]] * B) if causal else None
+        layout = torch.tensor([[T]] * B) if causal else None
     if layout is None:
         mask = torch.ones(B, 1, T, T, dtype=torch.bool)
     else:
-        mask = torch.tensor([[[allowed(i, j, *row) for j in range(T)] for i in range(T)] for row in layout.tolist()])
-        mask = mask[:, None]
+        mask = oracle_mask(layout, T)
     s = (q @ k.transpose(-1, -2)) * D ** -0.5
     any_key = mask.any(-1, keepdim=True)  # rows with no visible key (padding) -> output 0
     s = torch.where(mask, s, float("-inf"))
@@ -87,7 +107,7 @@ def naive_attention(q, k, v, causal, layout):
 
 
 def make_layouts(T):
-    """Six rows mixing every case: full causal, a padded pair, no prefix, each branch empty, padding only."""
+    """Six pair rows [P, C, R] mixing every case: full causal, a padded pair, no prefix, each branch empty, padding."""
     if T == 1:
         return torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0], [0, 0, 0]])
     P, C = T // 3, T // 4
@@ -99,6 +119,21 @@ def make_layouts(T):
                          [0, 0, 0]])  # padding only
 
 
+def make_grouped_layouts(T):
+    """Seven grouped rows [S, q1, c1, r1, ..., q4, c4, r4] (K = 4; unused branches have length 0): 4 ragged branches
+    filling the row, empty queries / chosen / rejected, a pair, a prefix with only padding after it, no prefix, one
+    row of padding, and 12 one-token parts (several branches per tile). Lengths are not multiples of any block."""
+    if T == 1:
+        return torch.tensor([[1] + [0] * 12, [0, 1] + [0] * 11, [0, 0, 1] + [0] * 10, [0, 0, 0, 1] + [0] * 9,
+                             [0] * 13, [0] * 12 + [1], [0] * 5 + [1] + [0] * 7])
+    u = T // 20  # every row sums to <= 20u <= T
+    return torch.tensor([[4 * u + 1, u, 2 * u - 1, 2 * u, u, 2 * u, u, 0, u, 3 * u, u, u, u],  # 4 branches, full
+                         [5 * u - 1, u + 1, 3 * u, 0, 2 * u, 0, 3 * u, 0, 0, 0, 0, 0, 0],  # r1 / c2 empty, padding
+                         [6 * u + 2, 0, 4 * u, 5 * u - 2] + [0] * 9,  # a pair [P, C, R]: one branch, no query
+                         [7 * u + 3] + [0] * 12,  # prefix, then padding only
+                         [0, 2 * u, 3 * u, 3 * u, u, u, 2 * u, 0, u, 0, 0, 0, 0],  # no prefix, 3 branches
+                         [0] * 13,  # padding only
+                         [u] + [1] * 12])  # tiny parts
 def make_qkv(B, Hq, Hkv, T, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, T, D, generator=g).to(dtype)
@@ -110,8 +145,8 @@ def make_qkv(B, Hq, Hkv, T, D, dtype, seed=0):
 
 def check_attention(fn, T, Hq, Hkv, D, dtype, mode):
     causal = mode != "full"
-    layout = make_layouts(T) if mode == "layout" else None
-    q, k, v, do = make_qkv(6 if layout is not None else 2, Hq, Hkv, T, D, dtype)
+    layout = {"layout": make_layouts, "grouped": make_grouped_layouts}.get(mode, lambda T: None)(T)
+    q, k, v, do = make_qkv(len(layout) if layout is not None else 2, Hq, Hkv, T, D, dtype)
     qkv = [x.clone().requires_grad_() for x in (q, k, v)]
     o = fn(*qkv, causal=causal, layout=layout)
     assert o.dtype == dtype and o.shape == q.shape
@@ -129,7 +164,7 @@ def check_attention(fn, T, Hq, Hkv, D, dtype, mode):
             assert (g[pad.unsqueeze(1).expand(-1, H, -1)] == 0).all()
 
 
-CASES = [  # (T, Hq, Hkv, D, dtype, mode): every T, GQA 4:1 and 3:1, head dims 64/72 (+128), all three masks
+CASES = [  # (T, Hq, Hkv, D, dtype, mode): every T, GQA 4:1 and 3:1, head dims 64/72/80/128, every mask
     (1, 4, 1, 64, torch.float32, "layout"),
     (17, 3, 1, 72, torch.float32, "layout"),
     (63, 4, 1, 64, torch.float32, "layout"),
@@ -140,6 +175,12 @@ CASES = [  # (T, Hq, Hkv, D, dtype, mode): every T, GQA 4:1 and 3:1, head dims 6
     (63, 4, 1, 64, torch.bfloat16, "layout"),
     (130, 3, 1, 72, torch.bfloat16, "layout"),
     (17, 4, 2, 64, torch.bfloat16, "full"),
+    (1, 4, 1, 64, torch.float32, "grouped"),
+    (37, 3, 1, 72, torch.float32, "grouped"),
+    (77, 4, 1, 80, torch.float32, "grouped"),
+    (150, 6, 2, 64, torch.float32, "grouped"),
+    (77, 4, 2, 128, torch.bfloat16, "grouped"),
+    (150, 3, 1, 72, torch.bfloat16, "grouped"),
 ]
 
 
@@ -165,56 +206,93 @@ def test_reference_plain_causal_takes_the_fast_path(monkeypatch):
                         lambda *a, **kw: calls.append(kw.get("attn_mask")) or sdpa(*a, **kw))
     assert torch.equal(kernels.attention_ref(q, k, v), want)
     assert torch.equal(kernels.attention_ref(q, k, v, layout=torch.tensor([[9, 0, 0]] * 3)), want)  # all rows full
-    assert calls == [None, None]
-
-
-def pair_vs_two_rows(fn, P, C, R, pad, dtype):
-    """A pair row [P, C, R] (+pad) vs [prompt|chosen] and [prompt|rejected] as two causal rows, position-free
-    inputs. Outputs must agree, and gradients too: the shared prefix gets the sum of both rows' gradients."""
-    Hq, Hkv, D = 4, 1, 64
-    T = P + C + R + pad
-    q, k, v, do = make_qkv(1, Hq, Hkv, T, D, dtype, seed=P + C + R)
-    do[:, :, P + C + R:] = 0
-    pair = [x.clone().requires_grad_() for x in (q, k, v)]
-    o = fn(*pair, layout=torch.tensor([[P, C, R]]))
-    g_pair = torch.autograd.grad(o, pair, do)
-    chosen = torch.cat([torch.arange(P + C), torch.full((R,), -1)])  # row 1: prompt|chosen, right-padded to P+C+R
-    rejected = torch.cat([torch.arange(P), torch.arange(P + C, P + C + R), torch.full((C,), -1)])
-    idx = torch.stack([chosen, rejected])  # (2, P+C+R), -1 = padding
-    rows = [torch.cat([x[0][:, i.clamp(min=0)].unsqueeze(0) for i in idx]) for x in (q, k, v)]
-    rows = [x.clone().requires_grad_() for x in rows]
-    do_rows = torch.cat([do[0][:, i.clamp(min=0)].unsqueeze(0) for i in idx])
-    do_rows[1, :, :P] = 0  # prefix outputs are counted once (from the first row)
-    lens = torch.tensor([[P + C, 0, 0], [P + R, 0, 0]])
-    o_rows = fn(*rows, layout=lens)
-    g_rows = torch.autograd.grad(o_rows, rows, do_rows)
-    sl = slice(P + C, P + C + R)
-    torch.testing.assert_close(o[0, :, :P + C], o_rows[0, :, :P + C])
-    torch.testing.assert_close(o[0, :, sl], o_rows[1, :, P:P + R])
-    for name, gp, gr in zip("qkv", g_pair, g_rows):
-        torch.testing.assert_close(gp[0, :, :P], gr[0, :, :P] + gr[1, :, :P], msg=lambda m: f"d{name} prefix: {m}")
-        torch.testing.assert_close(gp[0, :, P:P + C], gr[0, :, P:P + C], msg=lambda m: f"d{name} chosen: {m}")
-        torch.testing.assert_close(gp[0, :, sl], gr[1, :, P:P + R], msg=lambda m: f"d{name} rejected: {m}")
-        assert (gp[0, :, P + C + R:] == 0).all()
+    assert torch.equal(kernels.attention_ref(q, k, v, layout=torch.tensor([[9, 0, 0, 0]] * 3)), want)
+    assert calls == [None, None, None]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("P,C,R,pad", [(37, 21, 30, 5), (16, 16, 16, 0), (0, 9, 7, 2), (20, 0, 11, 0)])
-def test_prefix_sharing_invariant_triton(P, C, R, pad):
-    pair_vs_two_rows(kernels.attention, P, C, R, pad, torch.float32)
+@pytest.mark.parametrize("T,Hq,Hkv,D,dtype,mode", [
+    (300, 4, 1, 128, torch.bfloat16, "grouped"), (300, 3, 1, 80, torch.float32, "grouped"),
+    (200, 4, 2, 64, torch.bfloat16, "layout"), (200, 2, 1, 72, torch.float32, "causal"),
+])
+def test_triton_attention_at_cuda_tiles(T, Hq, Hkv, D, dtype, mode, monkeypatch):
+    """The tile sizes _attn_config picks on CUDA (128/64-wide; num_warps and num_stages are no-ops here), so the
+    skipping logic is also checked where a tile spans several parts and branches."""
+    config = kernels._attn_config
+    monkeypatch.setattr(kernels, "_attn_config", lambda D, device, dtype: config(D, torch.device("cuda"), dtype))
+    check_attention(kernels.attention, T, Hq, Hkv, D, dtype, mode)
 
 
-@pytest.mark.parametrize("P,C,R,pad", [(37, 21, 30, 5), (0, 9, 7, 2), (20, 0, 11, 0)])
-def test_prefix_sharing_invariant_reference(P, C, R, pad):
-    pair_vs_two_rows(kernels.attention_ref, P, C, R, pad, torch.float32)
+def test_layout_mask_is_the_rule():
+    """kernels.layout_mask (reach form) equals the rule spelled per (i, j), for pair and grouped layouts."""
+    for T in (1, 37):
+        for layout in (make_layouts(T), make_grouped_layouts(T), torch.tensor([[T]])):
+            assert torch.equal(kernels.layout_mask(layout, T), oracle_mask(layout, T)), layout.tolist()
+
+
+def grouped_vs_causal_rows(fn, row, pad, dtype):
+    """A grouped row [S | q1 c1 r1 | ...] (+pad) vs 2K plain causal rows [S q_b c_b] and [S q_b r_b] (layout [n]),
+    position-free inputs. Every output of a token equals its output in each causal row that holds it, and its
+    gradient is the sum over those rows (its output counted once, in the first row that holds it)."""
+    Hq, Hkv, D = 4, 1, 64
+    T = sum(row) + pad
+    q, k, v, do = make_qkv(1, Hq, Hkv, T, D, dtype, seed=sum(row))
+    grouped = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*grouped, layout=torch.tensor([row]))
+    g_grouped = torch.autograd.grad(o, grouped, do)
+    S, start, rows = row[0], row[0], []
+    for b in range((len(row) - 1) // 3):
+        nq, nc, nr = row[1 + 3 * b:4 + 3 * b]
+        query, c0 = list(range(start, start + nq)), start + nq
+        rows.append(list(range(S)) + query + list(range(c0, c0 + nc)))
+        rows.append(list(range(S)) + query + list(range(c0 + nc, c0 + nc + nr)))
+        start = c0 + nc + nr
+    n = max(map(len, rows))
+    idx = torch.tensor([r + [-1] * (n - len(r)) for r in rows])  # (2K, n) token index, -1 = padding
+    first = torch.zeros_like(idx, dtype=torch.bool)  # where each token's output is counted
+    seen = set()
+    for r, t in zip(*torch.nonzero(idx >= 0, as_tuple=True)):
+        first[r, t] = int(idx[r, t]) not in seen
+        seen.add(int(idx[r, t]))
+    split = [torch.cat([x[0][:, i.clamp(min=0)].unsqueeze(0) for i in idx]).requires_grad_() for x in (q, k, v)]
+    do_split = torch.cat([do[0][:, i.clamp(min=0)].unsqueeze(0) for i in idx]) * first[:, None, :, None]
+    o_split = fn(*split, layout=torch.tensor([[len(r)] for r in rows]))
+    g_split = torch.autograd.grad(o_split, split, do_split)
+    real = idx >= 0
+    for r in range(len(rows)):  # outputs: every occurrence
+        torch.testing.assert_close(o_split[r][:, real[r]], o[0][:, idx[r][real[r]]], msg=lambda m: f"row {r}: {m}")
+    for name, gg, gs in zip("qkv", g_grouped, g_split):
+        want = torch.zeros_like(gg[0]).index_add_(1, idx[real], gs.transpose(0, 1)[:, real])  # (H, T, D)
+        torch.testing.assert_close(gg[0], want, msg=lambda m: f"d{name}: {m}")
+        assert (gg[0, :, sum(row):] == 0).all()
+
+
+GROUPED_ROWS = [  # (row, pad): a pair (K = 1, empty query) with padding, 3 ragged branches, empty parts, no prefix
+    ([37, 0, 21, 30], 5), ([16, 0, 16, 16], 0), ([20, 0, 0, 11], 0),
+    ([23, 5, 21, 30, 7, 9, 7, 3, 0, 11], 2), ([0, 2, 9, 7, 1, 1, 1], 3), ([40, 4, 0, 3, 0, 5, 0, 0, 0, 0], 0),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("row,pad", GROUPED_ROWS)
+def test_grouped_row_invariant_triton(row, pad):
+    grouped_vs_causal_rows(kernels.attention, row, pad, torch.float32)
+
+
+@pytest.mark.parametrize("row,pad", GROUPED_ROWS)
+def test_grouped_row_invariant_reference(row, pad):
+    grouped_vs_causal_rows(kernels.attention_ref, row, pad, torch.float32)
 
 
 def test_attention_rejects_bad_input():
     q, k, v, _ = make_qkv(2, 4, 2, 8, 64, torch.float32)
-    with pytest.raises(ValueError, match="P\\+C\\+R <= T"):
+    with pytest.raises(ValueError, match="sum to <= T=8"):
         kernels.attention(q, k, v, layout=torch.tensor([[5, 2, 2], [8, 0, 0]]))
-    with pytest.raises(ValueError, match="shape \\(2, 3\\)"):
-        kernels.attention(q, k, v, layout=torch.tensor([8, 0, 0]))
+    with pytest.raises(ValueError, match=">= 0"):
+        kernels.attention(q, k, v, layout=torch.tensor([[5, 1, -1, 2], [8, 0, 0, 0]]))
+    for bad in (torch.tensor([8, 0, 0]), torch.tensor([[8, 0], [8, 0]]), torch.zeros(2, 6, dtype=torch.long)):
+        with pytest.raises(ValueError, match="shape \\(2, 1 \\+ 3K\\)"):
+            kernels.attention(q, k, v, layout=bad)
     with pytest.raises(ValueError, match="causal=True"):
         kernels.attention(q, k, v, causal=False, layout=torch.tensor([[8, 0, 0]] * 2))
     with pytest.raises(ValueError, match="multiple"):
