@@ -20,8 +20,8 @@ length n is [n] (K = 0; or [n, 0, 0, 0]); a preference pair is [P, 0, C, R], als
 [P, C, R]; zero-length trailing branches pad a batch to one K. Positions are the packer's job (this op never sees
 them): q_b starts at S, c_b and r_b both start at S + |q_b|.
 
-`python kernels.py` runs the benchmark in tests/bench_kernels.py (CUDA: a parity check, then attention TFLOP/s and
-fused_logprobs; CPU: the reference paths and the tiles the kernels visit).
+The benchmark is `python tests/bench_kernels.py` (CUDA: a parity check, then attention TFLOP/s and fused_logprobs;
+CPU: the reference paths and the tiles the kernels visit).
 """
 import os
 
@@ -709,10 +709,3 @@ def fused_logprobs(hidden, weight, targets, chunk_size=None):
         chunk = max(1, -(-N // n_chunks))
     return _FusedLogprobs.apply(hidden, weight, targets, chunk)
 
-
-if __name__ == "__main__":
-    # the benchmark (CUDA: parity check first, then TFLOP/s and memory; CPU: the reference paths) lives with the
-    # project's other benchmark scripts in tests/
-    import runpy
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "bench_kernels.py"),
-                   run_name="__main__")

@@ -1,4 +1,4 @@
-"""Benchmark and CUDA parity check of kernels.py (a script, not a test). `python kernels.py` runs it.
+"""Benchmark and CUDA parity check of kernels.py (a script, not a test). Run: python tests/bench_kernels.py
 
     .venv/bin/python tests/bench_kernels.py
 

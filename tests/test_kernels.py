@@ -31,7 +31,7 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRIT
 def test_kernels_under_interpreter_in_child_process():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-                          env=env, capture_output=True, text=True, cwd=os.path.dirname(KERNELS_PY))
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(KERNELS_PY), timeout=1500)
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, f"Triton tests under the interpreter failed:\n{tail}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
