@@ -7,7 +7,10 @@ Video DPO (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs, exact an
     python tests/bench_dpo.py config/tiny.py              # benchmarks: prefix sharing, fused log-probs, reference
 
 Reads as: loss -> scorer -> reference log-probs -> distributed setup -> checkpoints -> the loop. Pairs become tensors
-in packing.py: one row [prompt + video | chosen | rejected] per pair, so the video prefix is computed once. Log-probs
+in packing.py: a video's pairs share one row [system + video | q1 c1 r1 | q2 c2 r2 | ...] (group_by_video; each
+branch sees the prefix and its own query, never another branch), so the video prefix and the vision tower run once
+per video of a batch, not once per pair; group_by_video=False gives one row [prompt + video | chosen | rejected] per
+pair. The training order shuffles whole video groups, so a video's pairs meet in one micro-batch. Log-probs
 come from hidden states gathered at response positions only, through kernels.fused_logprobs. Reference log-probs are
 precomputed to out_dir by default (ref="precompute"), so training holds one model.
 out_dir gets: config.json, validation.json, ref_logps.*.jsonl, metrics.jsonl, ckpt-<step>/ (HF checkpoint + optim/
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from configurator import Progress, defaults_of, main
 from kernels import fused_logprobs
-from packing import load_batches, validate_pairs
+from packing import load_batches, validate_pairs, video_groups
 from records import Writer, iter_records, read_records, write_json, write_records
 
 # -----------------------------------------------------------------------------
@@ -47,6 +50,8 @@ out_dir = "out/dpo"
 num_frames = 8  # frames per video, uniform in time
 max_len = 4096  # tokens of one packed pair [prompt + video | chosen | rejected]; responses are cut, never the video
 strict = False  # True: any invalid pair is an error instead of being counted and dropped
+group_by_video = True  # a video's pairs share one row [video prefix | q1 c1 r1 | q2 c2 r2 ...]: the prefix runs once
+max_pairs_per_row = 8  # pairs in one grouped row at most (rows are also capped by max_len; the video is never cut)
 decode_workers = 2  # background decode processes per rank (video.DecodePool; 0 = decode inline, no timeout)
 decode_timeout = 120.0  # seconds one video may take to decode; past it the pair gets weight 0 and is recorded
 # optimization
@@ -112,21 +117,21 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 class PairScorer(nn.Module):
-    """The VLM plus the response log-prob head: input_ids (N, T) etc. from pack_pairs, pixels (B, F, 3, S, S) ->
-    per-token log-probs (M,) fp32 at the gathered response positions. The vision tower runs once per pair."""
+    """The VLM plus the response log-prob head: input_ids (N, T) etc. from pack_pairs, pixels (U, F, 3, S, S) of the
+    batch's videos, row_video (N,) -> per-token log-probs (M,) fp32 at the gathered response positions. The vision
+    tower runs once per video of the batch, whatever the number of pairs on it."""
 
     def __init__(self, vlm):
         super().__init__()
         self.vlm = vlm
 
-    def forward(self, input_ids, pixels, position_ids, layout, gather, targets):
+    def forward(self, input_ids, pixels, position_ids, layout, gather, targets, row_video):
         vision = [self.vlm.image_newline, *self.vlm.vision_tower.parameters(),
                   *self.vlm.multi_modal_projector.parameters()]
         frozen = not any(p.requires_grad for p in vision)
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            features = self.vlm.video_features(pixels)  # (B, n_video, H)
-        if input_ids.shape[0] != features.shape[0]:  # unshared baseline: each pair's two rows reuse its features
-            features = features.repeat_interleave(input_ids.shape[0] // features.shape[0], 0)
+            features = self.vlm.video_features(pixels)  # (U, n_video, H): each video of the batch once
+        features = features[row_video]  # (N, n_video, H): a row's video (a grouped row holds several pairs)
         hidden = self.vlm(input_ids, video_features=features, position_ids=position_ids, layout=layout,
                           return_hidden=True)  # (N, T, H)
         weight = self.vlm.lm_head_weight  # (V, H)
@@ -140,8 +145,9 @@ def pair_logps(scorer, batch, device):
     """Summed response log-probs (chosen (B,), rejected (B,)) and response lengths (n_chosen, n_rejected)."""
     B = len(batch["ids"])
     t = {k: batch[k].to(device, non_blocking=True) for k in
-         ("input_ids", "pixels", "position_ids", "layout", "gather", "targets", "segment")}
-    token_logps = scorer(t["input_ids"], t["pixels"], t["position_ids"], t["layout"], t["gather"], t["targets"])
+         ("input_ids", "pixels", "position_ids", "layout", "gather", "targets", "segment", "row_video")}
+    token_logps = scorer(t["input_ids"], t["pixels"], t["position_ids"], t["layout"], t["gather"], t["targets"],
+                         t["row_video"])
     sums = torch.zeros(2 * B, device=device).index_add(0, t["segment"], token_logps)  # (2B,) [c0, r0, c1, r1, ...]
     counts = torch.zeros(2 * B, device=device).index_add(0, t["segment"], torch.ones_like(token_logps))
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
@@ -385,18 +391,22 @@ def evaluate(scorer, ref_scorer, load, items, ref_logps, cfg, device, autocast, 
     return out
 
 
-def train_batches(n, total, start, cfg, world, rank):
-    """Index lists of this rank's micro-batches for steps start..total-1. Step s of epoch e = s // steps_per_epoch
-    takes the next global batch (world * batch_size * accumulation pairs) of a permutation seeded by (seed, e), so
-    the data position is the step itself and a resume neither skips nor repeats a pair."""
+def train_batches(groups, total, start, cfg, world, rank):
+    """Index lists of this rank's micro-batches for steps start..total-1. `groups`: index lists of pairs that stay
+    together (a video's pairs, packing.video_groups; or one pair each). Each epoch e orders the groups by a
+    permutation seeded by (seed, e) and concatenates them; step s of epoch e = s // steps_per_epoch takes the next
+    global batch (world * batch_size * accumulation pairs) of that order. Micro-batches count pairs, so a step means
+    the same number of pairs with or without grouping; the data position is the step itself, so a resume neither
+    skips nor repeats a pair."""
     B, accum = cfg["batch_size"], cfg["gradient_accumulation_steps"]
     global_batch = world * B * accum
-    per_epoch = n // global_batch
+    per_epoch = sum(map(len, groups)) // global_batch
     out, orders = [], {}
     for s in range(start, total):
         epoch, within = divmod(s, per_epoch)
         if epoch not in orders:
-            orders = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] + epoch)).tolist()}
+            perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg["seed"] + epoch)).tolist()
+            orders = {epoch: [i for g in perm for i in groups[g]]}
         for m in range(accum):
             begin = within * global_batch + (m * world + rank) * B
             out.append(orders[epoch][begin:begin + B])
@@ -414,6 +424,7 @@ def check_config(cfg):
         ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
         ("gradient_accumulation_steps", cfg["gradient_accumulation_steps"] >= 1, ">= 1"),
         ("num_frames", cfg["num_frames"] >= 1, ">= 1"),
+        ("max_pairs_per_row", cfg["max_pairs_per_row"] >= 1, ">= 1"),
         ("log_interval", cfg["log_interval"] >= 1, ">= 1")] if not ok]
     if problems:
         raise ValueError("bad config: " + "; ".join(problems))
@@ -524,8 +535,9 @@ def run(cfg, stop):
     items, train_items, eval_items, global_batch, total = load_pairs(cfg, tok, vlm, world, master)
     pad_id = tok.pad_id if tok.pad_id not in (None, vlm.config.video_token_id) else 0
     decode_args = (cfg["num_frames"], vlm.config.family, vlm.config.vision.image_size)
+    max_pairs = cfg["max_pairs_per_row"] if cfg["group_by_video"] else 1
     load = functools.partial(load_batches, decode_args=decode_args, workers=cfg["decode_workers"],
-                             timeout=cfg["decode_timeout"], pad_id=pad_id)
+                             timeout=cfg["decode_timeout"], pad_id=pad_id, max_pairs=max_pairs, max_len=cfg["max_len"])
 
     # ---- reference log-probs: a live frozen copy, or computed once before the first step
     ref_scorer, ref_logps = None, None
@@ -578,7 +590,10 @@ def run(cfg, stop):
         return out
 
     # ---- the step loop
-    batches = train_batches(len(train_items), total, start, cfg, world, rank)
+    # the order shuffles whole video groups either way; group_by_video only decides whether they share rows, so
+    # the two layouts see the same pairs at every step (and their losses agree: tests/test_dpo.py)
+    groups = video_groups(train_items, cfg["max_pairs_per_row"], cfg["max_len"])
+    batches = train_batches(groups, total, start, cfg, world, rank)
     loader = load(train_items, batches, ref_logps=ref_logps)
     last, errors_path, t_start = {}, os.path.join(out_dir, f"errors.r{rank}.jsonl"), time.time()
     try:

@@ -105,47 +105,109 @@ def validate_pairs(path, tok, n_video_tokens, max_len, video_root, strict=False,
 # packing: pure functions over token ids
 
 
-def pack_pairs(items, share_prefix=True, pad_id=0):
-    """Lay out a batch of pairs for one forward. items: dicts with prompt_ids, chosen_ids, rejected_ids.
-    share_prefix: row b = prompt + chosen + rejected, layout [P, C, R], positions 0..P+C-1 then P..P+R-1.
-    else: rows 2b, 2b+1 = prompt + chosen, prompt + rejected, layout [P+C, 0, 0] (the baseline).
+def common_prefix(a, b):
+    """Length of the longest common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def row_runs(items, max_pairs, max_len):
+    """Split `items` (in order) into runs that share one grouped row: consecutive pairs of the same video (the same
+    file and frames), at most `max_pairs` per run and at most `max_len` tokens in the row [S | q1 c1 r1 | ...], with
+    S the pairs' common prompt prefix (system + video tokens; never cut). Returns lists of indices into items."""
+    runs, S, length = [], 0, 0
+    for i, it in enumerate(items):
+        p = it["prompt_ids"]
+        need = len(p) + len(it["chosen_ids"]) + len(it["rejected_ids"])
+        if runs and len(runs[-1]) < max_pairs and items[runs[-1][0]]["video"] == it["video"]:
+            s = min(S, common_prefix(items[runs[-1][0]]["prompt_ids"], p))
+            grown = length + (S - s) * (len(runs[-1]) - 1) + need - s  # other queries grow by S - s
+            if grown <= max_len:
+                runs[-1].append(i)
+                S, length = s, grown
+                continue
+        runs.append([i])
+        S, length = len(p), need
+    return runs
+
+
+def video_groups(items, max_pairs, max_len):
+    """The training order's unit: runs of pairs of one video (row_runs over the pairs sorted by video, stable), so a
+    shuffle by group keeps each video's pairs next to each other and they share a row."""
+    order = sorted(range(len(items)), key=lambda i: items[i]["video"])  # stable: file order within a video
+    return [[order[k] for k in run] for run in row_runs([items[i] for i in order], max_pairs, max_len)]
+
+
+def pack_pairs(items, share_prefix=True, pad_id=0, max_pairs=1, max_len=10 ** 9):
+    """Lay out a batch of pairs for one forward. items: dicts with prompt_ids, chosen_ids, rejected_ids (and video).
+    share_prefix: consecutive pairs of one video (up to max_pairs, within max_len) share a row
+        [S | q1 c1 r1 | ... | qk ck rk], S their common prompt prefix (the video, once), layout [S, q1, c1, r1, ...]
+        of kernels.attention; positions: S from 0, q_i from |S|, c_i and r_i both from |S| + |q_i|. With max_pairs=1
+        each pair is its own row [S | c | r] (q empty): positions 0..P+C-1 then P..P+R-1.
+    else: rows 2b, 2b+1 = prompt + chosen, prompt + rejected, layout [P+C, 0, 0, 0] (the baseline).
     The logit at position t predicts token t+1, so response token k of a branch is predicted by the hidden state
-    just before it in that branch; the first rejected token's predecessor is the last prompt position P-1.
-    Returns input_ids, position_ids (N, T), layout (N, 3), gather (M,) flat indices into (N*T) hidden rows,
-    targets (M,), segment (M,) = 2b for chosen tokens and 2b+1 for rejected tokens of pair b."""
-    rows = []  # (ids, positions, layout, [(hidden index, target, segment)])
-    for b, it in enumerate(items):
-        p, c, r = it["prompt_ids"], it["chosen_ids"], it["rejected_ids"]
-        P, C, R = len(p), len(c), len(r)
-        assert P >= 1 and C >= 1 and R >= 1, "a pair needs a prompt and two non-empty responses"
-        chosen = [(P - 1 + k, c[k], 2 * b) for k in range(C)]
-        if share_prefix:
-            rejected = [(P - 1 if k == 0 else P + C + k - 1, r[k], 2 * b + 1) for k in range(R)]
-            positions = list(range(P + C)) + list(range(P, P + R))
-            rows.append((p + c + r, positions, [P, C, R], chosen + rejected))
-        else:
-            rejected = [(P - 1 + k, r[k], 2 * b + 1) for k in range(R)]
-            rows.append((p + c, list(range(P + C)), [P + C, 0, 0], chosen))
-            rows.append((p + r, list(range(P + R)), [P + R, 0, 0], rejected))
+    just before it in that branch; the first token of c_i and of r_i by the last token of q_i (of S when q_i is empty).
+    Returns input_ids, position_ids (N, T), layout (N, 1+3K), gather (M,) flat indices into (N*T) hidden rows,
+    targets (M,), segment (M,) = 2b for chosen tokens and 2b+1 for rejected tokens of pair b, row_pair (N,) the first
+    pair of each row (whose video the row shows)."""
+    rows = []  # (ids, positions, layout, [(hidden index, target, segment)], first pair)
+    if not share_prefix:
+        for b, it in enumerate(items):
+            p, c, r = it["prompt_ids"], it["chosen_ids"], it["rejected_ids"]
+            P = len(p)
+            rows.append((p + c, list(range(P + len(c))), [P + len(c), 0, 0, 0],
+                         [(P - 1 + k, c[k], 2 * b) for k in range(len(c))], b))
+            rows.append((p + r, list(range(P + len(r))), [P + len(r), 0, 0, 0],
+                         [(P - 1 + k, r[k], 2 * b + 1) for k in range(len(r))], b))
+    for run in row_runs(items, max_pairs, max_len) if share_prefix else []:
+        S = min(common_prefix(items[run[0]]["prompt_ids"], items[b]["prompt_ids"]) for b in run)
+        if len(run) == 1:
+            S = len(items[run[0]]["prompt_ids"])
+        ids, positions, layout, picks = list(items[run[0]]["prompt_ids"][:S]), list(range(S)), [S], []
+        for b in run:
+            q, c, r = items[b]["prompt_ids"][S:], items[b]["chosen_ids"], items[b]["rejected_ids"]
+            assert S + len(q) >= 1 and len(c) >= 1 and len(r) >= 1, "a pair needs a prompt and two responses"
+            oq = len(ids)
+            oc, orr, first = oq + len(q), oq + len(q) + len(c), (oq + len(q) - 1) if q else S - 1
+            picks += [(first if k == 0 else oc + k - 1, c[k], 2 * b) for k in range(len(c))]
+            picks += [(first if k == 0 else orr + k - 1, r[k], 2 * b + 1) for k in range(len(r))]
+            start = S + len(q)  # c and r both continue the query's positions
+            ids += q + c + r
+            positions += list(range(S, start)) + list(range(start, start + len(c))) + list(range(start, start + len(r)))
+            layout += [len(q), len(c), len(r)]
+        rows.append((ids, positions, layout, picks, run[0]))
     N, T = len(rows), max(len(ids) for ids, *_ in rows)
+    width = max(len(lay) for _, _, lay, _, _ in rows)
     input_ids = torch.full((N, T), pad_id, dtype=torch.long)
     position_ids = torch.zeros(N, T, dtype=torch.long)
+    layout = torch.zeros(N, width, dtype=torch.long)  # zero-length trailing branches pad rows to one K
     gather, targets, segment = [], [], []
-    for n, (ids, positions, _, picks) in enumerate(rows):
+    for n, (ids, positions, lay, picks, _) in enumerate(rows):
         input_ids[n, :len(ids)] = torch.tensor(ids)
         position_ids[n, :len(ids)] = torch.tensor(positions)
+        layout[n, :len(lay)] = torch.tensor(lay)
         for index, target, seg in picks:
             gather.append(n * T + index)
             targets.append(target)
             segment.append(seg)
-    return dict(input_ids=input_ids, position_ids=position_ids, layout=torch.tensor([lay for _, _, lay, _ in rows]),
-                gather=torch.tensor(gather), targets=torch.tensor(targets), segment=torch.tensor(segment))
+    return dict(input_ids=input_ids, position_ids=position_ids, layout=layout, gather=torch.tensor(gather),
+                targets=torch.tensor(targets), segment=torch.tensor(segment),
+                row_pair=[first for *_, first in rows])
 
-def collate(items, share_prefix=True, pad_id=0, ref_logps=None):
-    """Items with their `pixels` -> one batch: packed tensors, pixels (B, F, 3, S, S), ids, weights (0 for a pair whose
-    video could not be read: it keeps the batch's shape and adds nothing), reference log-probs by content key."""
-    batch = pack_pairs(items, share_prefix, pad_id)
-    batch["pixels"] = torch.stack([it["pixels"] for it in items])
+
+def collate(items, share_prefix=True, pad_id=0, ref_logps=None, max_pairs=1, max_len=10 ** 9):
+    """Items with their `pixels` -> one batch: packed tensors, pixels (U, F, 3, S, S) of the rows' videos once each
+    with row_video (N,) indexing them, ids, weights (0 for a pair whose video could not be read: it keeps the batch's
+    shape and adds nothing), reference log-probs by content key."""
+    batch = pack_pairs(items, share_prefix, pad_id, max_pairs, max_len)
+    row_pair = batch.pop("row_pair")
+    firsts = list(dict.fromkeys(row_pair))  # the pairs whose frames feed a row, once each, in order
+    batch["pixels"] = torch.stack([items[f]["pixels"] for f in firsts])
+    batch["row_video"] = torch.tensor([firsts.index(f) for f in row_pair])
     batch["ids"] = [it["id"] for it in items]
     batch["ref_keys"] = [it.get("ref_key") for it in items]
     batch["categories"] = [it["category"] for it in items]
@@ -160,27 +222,34 @@ def collate(items, share_prefix=True, pad_id=0, ref_logps=None):
 # batches: frames decoded in background processes (timeout, crash isolation), packed in this process
 
 
-def load_batches(items, index_batches, decode_args, workers=2, timeout=120.0, pad_id=0, ref_logps=None):
-    """Yield one collated batch per index list of `index_batches` (indices into `items`), in order. Frames come from
-    video.decode_stream (ordered): a video that cannot be read, hangs past `timeout` or crashes its decoder gives
-    zero pixels and weight 0, and is listed in the batch's `errors`. decode_args = (num_frames, family, image_size)."""
+def load_batches(items, index_batches, decode_args, workers=2, timeout=120.0, pad_id=0, ref_logps=None, max_pairs=1,
+                 max_len=10 ** 9):
+    """Yield one collated batch per index list of `index_batches` (indices into `items`), in order; pairs of one
+    video share a row up to `max_pairs` (see pack_pairs). Frames come from video.decode_stream (ordered), each video
+    of a batch decoded once: a video that cannot be read, hangs past `timeout` or crashes its decoder gives zero
+    pixels and weight 0, and is listed in the batch's `errors`. decode_args = (num_frames, family, image_size)."""
     from video import decode_stream
-    wanted = (dict(items[i], path=items[i]["video"]) for b in index_batches for i in b)
+    videos = [list(dict.fromkeys(items[i]["video"] for i in b)) for b in index_batches]
+    wanted = ({"path": v} for vs in videos for v in vs)
     stream = decode_stream(wanted, decode_args, workers, timeout, capacity=2 * max(map(len, index_batches or [[]]))
                            + workers, ordered=True)
     num_frames, _, size = decode_args
     decoded = iter(stream)
     try:
-        for b in index_batches:
+        for b, vs in zip(index_batches, videos):
+            frames = {}
+            for v in vs:
+                _, message = next(decoded)
+                frames[v] = message
             group = []
-            for _ in b:
-                item, message = next(decoded)
+            for i in b:
+                item, message = dict(items[i]), frames[items[i]["video"]]
                 if message[0] == "ok":
                     item["pixels"] = torch.from_numpy(np.ascontiguousarray(message[1][0]))
                 else:
                     item["pixels"], item["ok"] = torch.zeros(num_frames, 3, size, size), False
                     item["error"] = f"{message[1]}: {message[2]}"
                 group.append(item)
-            yield collate(group, pad_id=pad_id, ref_logps=ref_logps)
+            yield collate(group, pad_id=pad_id, ref_logps=ref_logps, max_pairs=max_pairs, max_len=max_len)
     finally:
         stream.close()

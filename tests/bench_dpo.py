@@ -42,9 +42,11 @@ def saved_bytes(fn, exclude=()):
 
 
 def run_bench(cfg, rounds=10):
-    """Same pairs, same process, interleaved best-of-rounds: (1) fwd+bwd of a DPO micro step with prefix sharing vs
-    the prompt duplicated (the prefix is 90% of each [prompt | response] sequence); (2) activation memory of the
-    response head, fused_logprobs on gathered rows vs naive full logits; (3) ref=precompute vs a live reference."""
+    """Same pairs, same process, interleaved best-of-rounds: (1) fwd+bwd of a DPO micro step in three layouts: video-
+    grouped rows (4 pairs per video share one [video | q1 c1 r1 | ...] row), per-pair rows [prompt | chosen | rejected]
+    and the prompt duplicated (two rows per pair); the video prefix is 90% of each [prompt | response] sequence;
+    with the activation memory each layout saves for backward, per pair; (2) activation memory of the response head,
+    fused_logprobs on gathered rows vs naive full logits; (3) ref=precompute vs a live reference."""
     from tokenizer import Tokenizer
     torch.manual_seed(cfg["seed"])
     _, _, device, _ = setup_runtime(cfg["device"], cfg["dtype"])
@@ -53,16 +55,21 @@ def run_bench(cfg, rounds=10):
     ref_scorer = build_scorer(cfg["init_from"], cfg, device, trainable=False)
     vlm, tok = scorer.vlm, Tokenizer.from_pretrained(cfg["init_from"])
     c = vlm.config
-    prompt_ids = tok.video_prompt("What happens here?", vlm.num_video_tokens(cfg["num_frames"]))
+    n_video = vlm.num_video_tokens(cfg["num_frames"])
+    prompt_ids = tok.video_prompt("What happens here?", n_video)
     L = max(1, round(len(prompt_ids) / 9))  # prefix = 90% of prompt + response
     low = min(tok.special.values())  # ordinary (non-special) ids are below the added tokens
-    B = cfg["batch_size"]
-    items = [dict(id=str(b), category="", prompt_ids=prompt_ids, chosen_ids=torch.randint(0, low, (L,)).tolist(),
-                  rejected_ids=torch.randint(0, low, (L,)).tolist(),
-                  pixels=torch.randn(cfg["num_frames"], 3, c.vision.image_size, c.vision.image_size)) for b in range(B)]
+    B, per_video = cfg["batch_size"], 4
+    frames = [torch.randn(cfg["num_frames"], 3, c.vision.image_size, c.vision.image_size)
+              for _ in range(-(-B // per_video))]
+    items = [dict(id=str(b), category="", video=f"v{b // per_video}", pixels=frames[b // per_video],
+                  prompt_ids=tok.video_prompt(f"Question {b}: what happens here?", n_video),
+                  chosen_ids=torch.randint(0, low, (L,)).tolist(), rejected_ids=torch.randint(0, low, (L,)).tolist())
+             for b in range(B)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" \
         else contextlib.nullcontext()
-    batches = {share: collate(items, share) for share in (True, False)}
+    batches = {"grouped": collate(items, True, max_pairs=per_video), True: collate(items, True),
+               False: collate(items, False)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(share, live):
@@ -84,6 +91,7 @@ def run_bench(cfg, rounds=10):
         sync()
 
     runs = {"prefix shared, ref precomputed": (True, False), "prompt duplicated, ref precomputed": (False, False),
+            "video-grouped rows, ref precomputed": ("grouped", False),
             "prefix shared, ref live": (True, True), "vision tower alone (no_grad)": None}
     best = dict.fromkeys(runs, float("inf"))
     for args in runs.values():
@@ -106,7 +114,19 @@ def run_bench(cfg, rounds=10):
         t["gather"], t["targets"]], exclude=(hidden, w))
     base = best["prefix shared, ref precomputed"]
     lm = base - best["vision tower alone (no_grad)"]
-    result = dict(prefix_sharing_speedup=best["prompt duplicated, ref precomputed"] / base,
+    grouped = best["video-grouped rows, ref precomputed"]
+    saved = {}  # activation bytes each layout keeps for backward, per pair
+    for name in ("grouped", True, False):
+        with autocast:
+            _, saved[name] = saved_bytes(lambda: pair_logps(scorer, batches[name], device))
+        scorer.zero_grad(set_to_none=True)
+    tokens = {name: batches[name]["input_ids"].numel() / B for name in ("grouped", True, False)}
+    result = dict(video_grouping_speedup=base / grouped,
+                  grouped_vs_duplicated_speedup=best["prompt duplicated, ref precomputed"] / grouped,
+                  tokens_per_pair=dict(grouped=tokens["grouped"], per_pair=tokens[True], duplicated=tokens[False]),
+                  saved_bytes_per_pair=dict(grouped=saved["grouped"] / B, per_pair=saved[True] / B,
+                                            duplicated=saved[False] / B),
+                  prefix_sharing_speedup=best["prompt duplicated, ref precomputed"] / base,
                   prefix_sharing_speedup_lm=(best["prompt duplicated, ref precomputed"] - base + lm) / lm,
                   ref_precompute_speedup=best["prefix shared, ref live"] / base,
                   fused_logprobs_memory_ratio=fused_bytes / naive_bytes,
@@ -117,6 +137,11 @@ def run_bench(cfg, rounds=10):
           f"responses {L}, {device}, best of {rounds}:")
     for name, s in best.items():
         print(f"  {name:36s} {s * 1e3:8.1f} ms  {B / s:7.2f} pairs/s  ({s / base:.2f}x)")
+    print(f"  video grouping ({per_video} pairs per video): {result['video_grouping_speedup']:.2f}x per-pair rows, "
+          f"{result['grouped_vs_duplicated_speedup']:.2f}x the duplicated prompt; tokens per pair "
+          f"{tokens['grouped']:.0f} / {tokens[True]:.0f} / {tokens[False]:.0f}, saved activations per pair "
+          f"{saved['grouped'] / 2**20:.1f} / {saved[True] / 2**20:.1f} / {saved[False] / 2**20:.1f} MiB "
+          f"(grouped / per pair / duplicated)")
     print(f"  prefix sharing: {result['prefix_sharing_speedup']:.2f}x the whole step, "
           f"{result['prefix_sharing_speedup_lm']:.2f}x its LM part (step minus the vision tower)")
     print(f"  response head activations: fused {fused_bytes / 2**10:.0f} KiB vs naive logits "
@@ -166,7 +191,7 @@ def run_bench_layers(device, text=QWEN2_7B, layers=2, num_frames=32, tokens_per_
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(share):
-        b = {k: v.to(device) for k, v in pack_pairs(items, share).items()}
+        b = {k: v.to(device) for k, v in pack_pairs(items, share).items() if isinstance(v, torch.Tensor)}
         f = features if share else features.repeat_interleave(2, 0)
         hidden = vlm(b["input_ids"], video_features=f, position_ids=b["position_ids"], layout=b["layout"],
                      return_hidden=True)
