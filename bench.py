@@ -61,6 +61,7 @@ decode_workers = 2  # background decode processes (video.DecodePool); 0 = decode
 decode_timeout = 120.0  # seconds one video may take to decode before its worker is killed and the item recorded
 device = "auto"  # "auto" = cuda when available, else cpu
 dtype = "float32"  # float32 | bfloat16 | float16
+attn_impl = "auto"  # "auto": Triton attention on CUDA, the reference on CPU; "sdpa": PyTorch SDPA (the fallback)
 train_pairs = ""  # training pairs JSONL: refuse items whose video is in it
 allow_train_overlap = False
 ci = "wilson"  # wilson | bootstrap (for rates)
@@ -131,7 +132,7 @@ def generate_answers(todo, cfg, out_path, err_path):
     _, _, device, dtype = setup_runtime(cfg["device"], cfg["dtype"])
     model_dir, B = cfg["model"], cfg["batch_size"]
     tok = Tokenizer.from_pretrained(model_dir)
-    vlm = VLM.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+    vlm = VLM.from_pretrained(model_dir, device=device, dtype=dtype, attn_impl=cfg["attn_impl"])
     n_video = vlm.num_video_tokens(cfg["num_frames"])
     items = [dict(it, path=os.path.join(cfg["video_root"], it["video"])) for it in todo]
     decode_args = (cfg["num_frames"], vlm.config.family, vlm.config.vision.image_size)

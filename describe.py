@@ -65,6 +65,7 @@ top_p = 1.0
 seed = 1337  # sampling seed (temperature > 0), offset per batch
 device = "cpu"  # "cuda" -> cuda:LOCAL_RANK under torchrun
 dtype = "float32"  # float32 | bfloat16 | float16
+attn_impl = "auto"  # "auto": Triton attention on CUDA, the reference on CPU; "sdpa": PyTorch SDPA (the fallback)
 decode_workers = 2  # background decode processes per rank; 0 = decode inline (no timeout)
 decode_timeout = 120.0  # seconds one video may take to decode before its worker is killed
 retry_errors = False  # True: try ids already in the errors file again
@@ -250,7 +251,7 @@ def run(config):
     counts, bar, t1 = Counter(), None, time.time()
     try:
         if mine:  # a rerun with nothing left loads no model
-            vlm = VLM.from_pretrained(cfg["model"], device=device, dtype=dtype).eval()
+            vlm = VLM.from_pretrained(cfg["model"], device=device, dtype=dtype, attn_impl=cfg["attn_impl"])
             prompt_ids = tok.video_prompt(prompt_text, vlm.num_video_tokens(cfg["num_frames"]))
             t1 = time.time()
             if rank == 0 and cfg["progress"]:

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import Progress, defaults_of, main
+from model import DTYPES, stored_dtype
 from kernels import fused_logprobs
 from packing import load_batches, validate_pairs, video_groups
 from records import Writer, iter_records, read_records, write_json, write_records
@@ -76,6 +77,8 @@ train_vision = False
 # system
 device = "auto"  # "auto" = cuda:LOCAL_RANK when available, else cpu
 dtype = "bfloat16"  # autocast dtype on GPU ("float32" = none); parameters and optimizer state stay fp32
+attn_impl = "auto"  # "auto": Triton on CUDA, the reference on CPU; "sdpa": PyTorch SDPA for every layout (fallback)
+export_dtype = ""  # final/'s dtype: "" = init_from's stored dtype (bf16 for hub 7B models); "float32", "bfloat16"
 compile = False  # torch.compile each decoder layer
 fsdp = False  # FSDP2: fully_shard per decoder layer and the root, bf16 compute, fp32 reduction
 activation_checkpointing = False  # recompute each decoder layer in backward
@@ -245,7 +248,8 @@ def barrier(world):
 def build_scorer(path, cfg, device, trainable):
     """VLM from `path` (fp32) wrapped in a PairScorer; frozen parts per cfg; FSDP2 when cfg['fsdp']."""
     from model import VLM
-    vlm = VLM.from_pretrained(path, device="cpu" if cfg["fsdp"] else device, dtype=torch.float32)
+    vlm = VLM.from_pretrained(path, device="cpu" if cfg["fsdp"] else device, dtype=torch.float32,
+                              attn_impl=cfg["attn_impl"])
     for p in vlm.parameters():
         p.requires_grad_(trainable)
     if trainable:
@@ -270,13 +274,14 @@ def build_scorer(path, cfg, device, trainable):
     return scorer
 
 
-def export_hf(scorer, path, cfg, rank):
-    """Write an HF checkpoint dir (model.save_pretrained, with the tokenizer files of its source) from rank 0;
-    under FSDP the full state dict is gathered to rank 0 first (every rank must call this)."""
+def export_hf(scorer, path, cfg, rank, dtype=None):
+    """Write an HF checkpoint dir (model.save_pretrained, with the tokenizer files of its source) from rank 0, its
+    floating-point tensors cast to `dtype` (None: as trained, fp32); under FSDP the full state dict is gathered to
+    rank 0 first (every rank must call this)."""
     vlm = scorer.module.vlm if hasattr(scorer, "module") else scorer.vlm
     if not cfg["fsdp"]:
         if rank == 0:
-            vlm.save_pretrained(path)
+            vlm.save_pretrained(path, dtype=dtype)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from model import VLM
@@ -286,11 +291,19 @@ def export_hf(scorer, path, cfg, rank):
             shell = VLM(vlm.config)
         shell.load_state_dict({k.removeprefix("vlm."): v for k, v in state.items()}, assign=True)
         shell.source_dir = vlm.source_dir
-        shell.save_pretrained(path)
+        shell.save_pretrained(path, dtype=dtype)
 
 # -----------------------------------------------------------------------------
 # checkpoints: ckpt-<step>/ = HF files + optim/ (torch.distributed.checkpoint) + rng-rank<r>.pt + train_state.json
 # (written last, inside a .tmp dir renamed into place: a dir without it is incomplete and ignored)
+
+
+def final_dtype(cfg):
+    """final/'s dtype: export_dtype if set, else the dtype init_from was stored in (bf16 for the hub's 7B models)."""
+    if cfg["export_dtype"]:
+        return DTYPES[cfg["export_dtype"]]
+    with open(os.path.join(cfg["init_from"], "config.json")) as f:
+        return stored_dtype(json.load(f))
 
 
 def latest_checkpoint(out_dir):
@@ -425,7 +438,9 @@ def check_config(cfg):
         ("gradient_accumulation_steps", cfg["gradient_accumulation_steps"] >= 1, ">= 1"),
         ("num_frames", cfg["num_frames"] >= 1, ">= 1"),
         ("max_pairs_per_row", cfg["max_pairs_per_row"] >= 1, ">= 1"),
-        ("log_interval", cfg["log_interval"] >= 1, ">= 1")] if not ok]
+        ("log_interval", cfg["log_interval"] >= 1, ">= 1"),
+        ("attn_impl", cfg["attn_impl"] in ("auto", "triton", "sdpa"), "'auto', 'triton' or 'sdpa'"),
+        ("export_dtype", cfg["export_dtype"] in ("", *DTYPES), "'' or one of " + ", ".join(DTYPES))] if not ok]
     if problems:
         raise ValueError("bad config: " + "; ".join(problems))
 
@@ -639,7 +654,7 @@ def run(cfg, stop):
         if world > 1 and not cfg["fsdp"]:
             check_replicas(params, world, master)
         final_eval = run_eval(total) if eval_items else {}
-        export_hf(scorer, final_dir, cfg, rank)
+        export_hf(scorer, final_dir, cfg, rank, dtype=final_dtype(cfg))
         barrier(world)
         if master:
             print(f"done: {final_dir}")

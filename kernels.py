@@ -519,15 +519,53 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def attention(q, k, v, causal=True, layout=None):
+IMPLS = ("auto", "triton", "sdpa")
+
+
+def attention(q, k, v, causal=True, layout=None, impl="auto"):
     """Fused attention. q (B, Hq, T, D), k/v (B, Hkv, T, D) with Hq % Hkv == 0 -> o (B, Hq, T, D), q's dtype.
     causal=False: bidirectional (vision tower). layout (B, 1 + 3K) int [S, q1, c1, r1, ..., qK, cK, rK] (or a pair
     (B, 3) [P, C, R]): the prefix-sharing rule in the module docstring; padding rows come out exactly 0, and tiles
-    the rule fully masks are never visited. Scale D**-0.5. CUDA -> Triton, CPU -> attention_ref."""
+    the rule fully masks are never visited. Scale D**-0.5. impl: "auto" = Triton on CUDA (and under the
+    interpreter), attention_ref on CPU; "sdpa" = attention_ref anywhere (PyTorch SDPA, every layout through its
+    pieces: the always-correct fallback); "triton" = the Triton kernels (CUDA or the interpreter only). The first
+    Triton call per device checks itself against attention_ref (_self_check)."""
     _check_attention_args(q, k, v, causal, layout)
-    if not _use_triton(q):
+    if impl not in IMPLS:
+        raise ValueError(f"attn_impl {impl!r} is not one of {', '.join(IMPLS)}")
+    if impl == "sdpa" or (impl == "auto" and not _use_triton(q)):
         return attention_ref(q, k, v, causal, layout)
+    if not _use_triton(q):
+        raise ValueError("attn_impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests); use 'auto' or 'sdpa'")
+    _self_check(q.device)
     return _Attention.apply(q, k, v, causal, layout)
+
+
+_CHECKED = set()  # devices whose Triton attention passed _self_check
+
+
+def _self_check(device):
+    """Once per device, before the first real call: the Triton kernels against attention_ref on a tiny grouped case
+    (fp32, GQA, ragged branches, padding), outputs and gradients. A GPU, driver or Triton version on which the kernels
+    miscompile stops the run here, with the switch that avoids them, instead of training on wrong attention."""
+    key = str(device)
+    if key in _CHECKED:
+        return
+    _CHECKED.add(key)  # set first: the check itself calls the kernels
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 21, 64, generator=g).to(device).requires_grad_() for h in (4, 2, 2))
+    layout = torch.tensor([[5, 2, 3, 4, 1, 2, 2], [9, 0, 4, 5, 0, 0, 0]], device=device)
+    do = torch.randn(2, 4, 21, 64, generator=g).to(device)
+    outs = []
+    for fn in (lambda: _Attention.apply(q, k, v, True, layout), lambda: attention_ref(q, k, v, True, layout)):
+        o = fn()
+        outs.append([o.detach(), *torch.autograd.grad(o, (q, k, v), do)])
+    worst = max(float((a - b).abs().max()) for a, b in zip(*outs))
+    if not worst <= 1e-3:  # fp32 kernels agree to ~1e-5; NaN fails too
+        _CHECKED.discard(key)
+        raise RuntimeError(f"the Triton attention kernels disagree with the PyTorch reference on {device} (max |diff| "
+                           f"{worst:.3g} on a tiny check case): rerun with --attn_impl=sdpa, and please report the GPU, "
+                           "driver and Triton version")
 
 
 # -----------------------------------------------------------------------------

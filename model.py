@@ -155,12 +155,13 @@ class VisionAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
         self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
         self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.attn_impl = "auto"  # kernels.attention's impl; VLM.set_attn_impl sets every layer's
 
     def forward(self, x):
         B, N, D = x.shape
         q, k, v = (proj(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, nh, N, hd)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        o = attention(q, k, v, causal=False)  # bidirectional, no mask
+        o = attention(q, k, v, causal=False, impl=self.attn_impl)  # bidirectional, no mask
         return self.out_proj(o.transpose(1, 2).reshape(B, N, D))
 
 
@@ -283,6 +284,7 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.attn_impl = "auto"  # kernels.attention's impl; VLM.set_attn_impl sets every layer's
 
     def forward(self, x, cos, sin, layout=None, cache=None):
         B, T, _ = x.shape
@@ -291,7 +293,7 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.c.num_kv_heads, -1).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # training / scoring: one op that knows causal, padding and prefix-shared pairs
-            o = attention(q, k, v, causal=True, layout=layout)
+            o = attention(q, k, v, causal=True, layout=layout, impl=self.attn_impl)
         else:  # generate: append to the preallocated cache, attend to every valid slot so far
             k_buf, v_buf, start, mask = cache  # bufs (B, nkv, Tmax, hd); mask (B, 1, T, start+T) bool
             k_buf[:, :, start:start + T] = k
@@ -465,9 +467,10 @@ class VLM(nn.Module):
     # checkpoints
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, attn_impl="auto"):
         """Load a Hugging Face checkpoint directory. Built on `meta`, tensors read one at a time and assigned
-        (peak memory ≈ one copy of the weights in `dtype`, plus the largest tensor)."""
+        (peak memory ≈ one copy of the weights in `dtype`, plus the largest tensor). attn_impl: kernels.attention's
+        impl for every layer ("auto", "triton", "sdpa")."""
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise ValueError(f"no config.json in {path!r}: point at a Hugging Face checkpoint directory")
@@ -502,14 +505,28 @@ class VLM(nn.Module):
                         state[name] = read_tensor(f, header[key], data_start).to(device=device, dtype=dtype)
         model.load_state_dict(state, assign=True, strict=True)
         model.source_dir = path
+        model.set_attn_impl(attn_impl)
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_bytes=4 * 2**30):
-        """Write an HF checkpoint dir (4.x hub key layout) that transformers and from_pretrained load; atomic."""
+    def set_attn_impl(self, impl):
+        """kernels.attention's impl in every attention layer: "auto" (Triton on CUDA, the reference on CPU), "triton",
+        or "sdpa" (PyTorch SDPA for every layout: the fallback if the Triton kernels misbehave on a GPU)."""
+        from kernels import IMPLS
+        if impl not in IMPLS:
+            raise ValueError(f"attn_impl {impl!r} is not one of {', '.join(IMPLS)}")
+        for module in self.modules():
+            if hasattr(module, "attn_impl"):
+                module.attn_impl = impl
+        return self
+
+    def save_pretrained(self, path, max_shard_bytes=4 * 2**30, dtype=None):
+        """Write an HF checkpoint dir (4.x hub key layout) that transformers and from_pretrained load; atomic.
+        dtype: cast floating-point tensors to it on the way out (None: as they are)."""
         tmp = path.rstrip("/") + f".tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
+        state = {k: cast(v.detach().cpu()).contiguous() for k, v in self.state_dict().items()}
         shards, size = [{}], 0
         for name, t in state.items():
             nbytes = t.numel() * t.element_size()
@@ -531,7 +548,7 @@ class VLM(nn.Module):
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         raw = dict(self.config.raw)
         raw["tie_word_embeddings"] = self.config.tie_word_embeddings
-        raw["dtype"] = str(self.lm_head_weight.dtype).removeprefix("torch.")
+        raw["dtype"] = str(state[next(k for k in state if state[k].is_floating_point())].dtype).removeprefix("torch.")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(raw, f, indent=2)
         for name in SIDE_FILES:
@@ -635,6 +652,13 @@ def init_weights(model, seed=0):
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
     return model
+
+
+def stored_dtype(raw_config):
+    """The dtype a checkpoint was stored in, from its config.json dict (`dtype`, or 4.x `torch_dtype`); fp32 if
+    unstated. Exports default to it, so a bf16 hub model trained in fp32 is written back in bf16."""
+    name = str(raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32")
+    return DTYPES.get(name, torch.float32)
 
 
 # -----------------------------------------------------------------------------

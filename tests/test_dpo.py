@@ -372,8 +372,11 @@ def test_torchrun_two_gloo_processes_match_one(one_process, tmp_path, mode):
 
 def test_bfloat16_autocast_trains(data, tmp_path):
     # dtype=bfloat16 without FSDP is torch.autocast: bf16 matmuls and attention, an fp32 residual stream
-    dpo.train(config(data, tmp_path / "bf16", max_iters=3, dtype="bfloat16", learning_rate=2e-4, min_lr_ratio=1.0))
+    dpo.train(config(data, tmp_path / "bf16", max_iters=3, dtype="bfloat16", learning_rate=2e-4, min_lr_ratio=1.0,
+                     export_dtype="bfloat16"))
     m = metrics(tmp_path / "bf16")
+    with open(tmp_path / "bf16" / "final" / "config.json") as f:  # trained in fp32, exported in the asked dtype
+        assert json.load(f)["dtype"] == "bfloat16"
     assert abs(m[0]["loss"] - math.log(2)) < 1e-2 and m[-1]["loss"] < m[0]["loss"] and m[-1]["rewards_accuracy"] == 1
 
 

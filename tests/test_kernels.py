@@ -365,3 +365,32 @@ def test_fused_logprobs_only_needed_grads_and_bad_targets():
             kernels.fused_logprobs(hidden, weight, torch.tensor(bad))
     with pytest.raises(ValueError, match="share a dtype"):
         kernels.fused_logprobs(hidden, weight.double(), torch.zeros(5, dtype=torch.long))
+
+
+def test_attention_impl_switch():
+    """impl="sdpa" is attention_ref anywhere; "triton" needs CUDA or the interpreter; anything else is an error."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g) for _ in range(3))
+    layout = torch.tensor([[4, 1, 2, 2]])
+    assert torch.equal(kernels.attention(q, k, v, True, layout, impl="sdpa"), kernels.attention_ref(q, k, v, True, layout))
+    with pytest.raises(ValueError, match="not one of auto, triton, sdpa"):
+        kernels.attention(q, k, v, impl="flash")
+    if not INTERPRETED:
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            kernels.attention(q, k, v, impl="triton")
+
+
+@needs_interpreter
+def test_triton_self_check_stops_a_wrong_kernel(monkeypatch):
+    """The first Triton call per device compares the kernels with attention_ref; a kernel that is off stops the run
+    with the switch to use instead (here: outputs nudged by 0.01, as a miscompiled kernel might be)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g) for _ in range(3))
+    real = kernels._Attention.apply
+    monkeypatch.setattr(kernels, "_CHECKED", set())
+    monkeypatch.setattr(kernels._Attention, "apply", lambda *a: real(*a) + 0.01)
+    with pytest.raises(RuntimeError, match="rerun with --attn_impl=sdpa"):
+        kernels.attention(q, k, v, impl="triton")
+    monkeypatch.setattr(kernels._Attention, "apply", real)
+    o = kernels.attention(q, k, v, impl="triton")  # a correct kernel passes the check and runs
+    assert "cpu" in kernels._CHECKED and torch.allclose(o, kernels.attention_ref(q, k, v), atol=1e-5)

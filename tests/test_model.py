@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import VLM, canonical_name
+from model import VLM, canonical_name, stored_dtype
 from tests.tiny import hf_config, hf_model
 
-ATOL = 1e-4  # fp32 logits of magnitude ~10; observed differences are ~1e-6 (SDPA vs our attention, op order)
+ATOL = 1e-5  # fp32 logits of magnitude ~10; observed differences are ~1e-6 (SDPA vs our attention, op order)
 NUM_FRAMES = 4
 
 
@@ -274,3 +274,33 @@ def test_prefix_shared_pair_equals_two_rows(tmp_path):
     assert_close(shared[P + C:P + C + R], b[P:], "rejected branch")
     assert_close(padded[:P + C + R], plain, "right-padded row")
     assert torch.isfinite(shared).all() and torch.isfinite(padded).all()
+
+
+def test_attn_impl_switch_and_export_dtype(tmp_path):
+    """attn_impl="sdpa" is accepted everywhere (on CPU it is the same reference path: identical logits); a bad value
+    names the choices. save_pretrained(dtype=bf16) writes bf16 tensors and config dtype, which transformers loads to
+    the same logits as our loader, and within bf16 rounding of the fp32 model."""
+    from safetensors import safe_open
+    from transformers import LlavaOnevisionForConditionalGeneration
+    hf, path = write_checkpoint(tmp_path, tie=False)
+    ours, sdpa = VLM.from_pretrained(path), VLM.from_pretrained(path, attn_impl="sdpa")
+    ids, pixels = inputs(ours, batch=1)
+    with torch.no_grad():
+        full = ours(ids, pixels)
+        assert_close(sdpa(ids, pixels), full, "attn_impl=sdpa", atol=0)
+    with pytest.raises(ValueError, match="attn_impl 'flash' is not one of auto, triton, sdpa"):
+        VLM.from_pretrained(path, attn_impl="flash")
+    out = str(tmp_path / "bf16")
+    ours.save_pretrained(out, dtype=torch.bfloat16)
+    with open(os.path.join(out, "config.json")) as f:
+        assert stored_dtype(json.load(f)) == torch.bfloat16
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    back = VLM.from_pretrained(out)  # read in fp32, values bf16-rounded
+    reloaded = LlavaOnevisionForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        mine = back(ids, pixels)
+        assert_close(reloaded(input_ids=ids, pixel_values_videos=pixels).logits, mine, "transformers on a bf16 save")
+        scale = full.abs().max().item()
+        assert_close(mine, full, "bf16 export vs the fp32 model", atol=0.02 * scale)  # bf16: 8 mantissa bits
+    assert stored_dtype({}) == torch.float32 and stored_dtype({"torch_dtype": "bfloat16"}) == torch.bfloat16
