@@ -129,8 +129,8 @@ class PairScorer(nn.Module):
         self.vlm = vlm
 
     def forward(self, input_ids, pixels, position_ids, layout, gather, targets, row_video):
-        vision = [self.vlm.image_newline, *self.vlm.vision_tower.parameters(),
-                  *self.vlm.multi_modal_projector.parameters()]
+        vision = [*self.vlm.vision_tower.parameters(), *self.vlm.multi_modal_projector.parameters()]
+        vision += [self.vlm.image_newline] if hasattr(self.vlm, "image_newline") else []  # llava_onevision only
         frozen = not any(p.requires_grad for p in vision)
         with torch.no_grad() if frozen else contextlib.nullcontext():
             features = self.vlm.video_features(pixels)  # (U, n_video, H): each video of the batch once
@@ -255,7 +255,8 @@ def build_scorer(path, cfg, device, trainable):
     if trainable:
         vlm.vision_tower.requires_grad_(cfg["train_vision"])
         vlm.multi_modal_projector.requires_grad_(cfg["train_projector"])
-        vlm.image_newline.requires_grad_(cfg["train_projector"])
+        if hasattr(vlm, "image_newline"):  # llava_onevision's per-video newline embedding
+            vlm.image_newline.requires_grad_(cfg["train_projector"])
     layers = vlm.language_model.model.layers
     for layer in layers:
         if cfg["activation_checkpointing"] and trainable:  # keep each layer's input only; recompute in backward

@@ -4,8 +4,15 @@ patch grid, and a decoder-only LM (Qwen2 or Llama). Loads Hugging Face `llava_on
 checkpoints and matches transformers' logits (tests/test_model.py); ARCHITECTURE.md lists the checkpoint layouts
 read. Comments name the transformers behaviour each choice reproduces.
 
-Module names equal the 4.x hub checkpoint names (`language_model.model.layers.0.self_attn.q_proj.weight`, ...), so
-loading is an identity map after normalising the three key layouts found in the wild.
+`qwen2_5_vl` (Qwen2.5-VL) shares the decoder (Qwen2 with multimodal RoPE: 3-D (t, h, w) positions for video tokens)
+and brings its own vision tower (section "Qwen2.5-VL vision tower": 3-D patch embedding, 2-D RoPE, window attention,
+2x2 patch merger); it takes the processor's inputs (`pixel_values_videos` as flattened patches, `video_grid_thw`,
+`second_per_grid_ts`) and matches transformers' logits (tests/test_model_qwen.py).
+
+Module names equal the 4.x hub checkpoint names of the LLaVA families (`language_model.model.layers.0.self_attn.
+q_proj.weight`, ...), so loading is an identity map after normalising the key layouts found in the wild. Qwen2.5-VL
+keeps the same attribute names (`vision_tower`, `multi_modal_projector` = its merger, `language_model`), so the
+scripts address every family alike; `canonical_name` / `hub_name` translate its hub names (`visual.*`, `model.*`).
 """
 import json
 import math
@@ -20,7 +27,7 @@ from safetensors.torch import save_file
 
 from kernels import attention
 
-FAMILIES = ("llava_onevision", "llava_next_video")
+FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_5_vl")
 # files copied next to the weights by save_pretrained, so a saved dir is a complete checkpoint
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
               "chat_template.jinja", "generation_config.json", "preprocessor_config.json", "processor_config.json",
@@ -60,6 +67,7 @@ class TextConfig:
     rope_factor: float  # linear RoPE scaling (1.0 = none)
     eps: float
     qkv_bias: bool  # Qwen2 has q/k/v biases, Llama none
+    mrope_section: tuple = ()  # Qwen2.5-VL: rotary frequency pairs given to the (t, h, w) positions; () = plain RoPE
 
 
 @dataclass
@@ -95,6 +103,8 @@ def parse_config(raw):
     family = raw.get("model_type")
     if family not in FAMILIES:
         raise ValueError(f"config.json has model_type {family!r}; supported: {', '.join(FAMILIES)}")
+    if family == "qwen2_5_vl":
+        return parse_qwen_config(raw)
     vision_kind, text_kind = FAMILY_PARTS[family]
     v = {**VISION_DEFAULTS[vision_kind], **{k: x for k, x in raw.get("vision_config", {}).items() if x is not None}}
     t = {**TEXT_DEFAULTS[text_kind], **{k: x for k, x in raw.get("text_config", {}).items() if x is not None}}
@@ -137,6 +147,82 @@ def parse_config(raw):
     assert cfg.text.num_heads % cfg.text.num_kv_heads == 0, "query heads must be a multiple of kv heads"
     assert cfg.vision.hidden_size % cfg.vision.num_heads == 0
     assert cfg.select_strategy in ("full", "default"), cfg.select_strategy
+    return cfg
+
+
+@dataclass
+class QwenVisionConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    patch_size: int  # 14: a patch is (temporal_patch_size, 14, 14) pixels x 3 channels
+    temporal_patch_size: int  # 2 frames per patch
+    merge_size: int  # the merger joins merge_size x merge_size patches into one LM token
+    window_size: int  # window side in pixels (112 = 4 merged tokens)
+    full_attention_layers: tuple  # blocks that attend over a whole frame pair; the others inside windows
+    out_hidden_size: int  # the LM's hidden size
+    tokens_per_second: int  # temporal RoPE positions per second of video
+    rope_theta: float
+    image_size: int = 448  # frame side of the fixed-size path (pixel_values_videos (B, F, 3, S, S)), a multiple of 28
+
+    @property
+    def merge_window(self):  # window side in merged tokens
+        return self.window_size // self.merge_size // self.patch_size
+
+
+QWEN_VISION_DEFAULTS = dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
+                            in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                            tokens_per_second=4, window_size=112, out_hidden_size=3584,
+                            fullatt_block_indexes=[7, 15, 23, 31])  # transformers' Qwen2_5_VLVisionConfig
+QWEN_TEXT_DEFAULTS = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5, hidden_act="silu",
+                          use_sliding_window=False)  # Qwen2_5_VLTextConfig
+
+
+def parse_qwen_config(raw):
+    """Qwen2.5-VL config.json -> VLMConfig. The 4.x hub files keep the text fields at the top level; transformers 5
+    nests them under text_config. RoPE: 4.x `rope_scaling` {type: mrope, mrope_section}, 5.x `rope_parameters`."""
+    v = {**QWEN_VISION_DEFAULTS, **{k: x for k, x in raw.get("vision_config", {}).items() if x is not None}}
+    text_raw = raw.get("text_config") or raw
+    t = {**QWEN_TEXT_DEFAULTS, **{k: x for k, x in text_raw.items() if x is not None and k in QWEN_TEXT_DEFAULTS}}
+    if t["num_key_value_heads"] is None:
+        t["num_key_value_heads"] = t["num_attention_heads"]
+    rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise ValueError(f"qwen2_5_vl text RoPE type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                         f"(only the default multimodal RoPE)")
+    if t["use_sliding_window"]:
+        raise ValueError("qwen2_5_vl with use_sliding_window=true is not supported (no released checkpoint uses it)")
+    for where, act in (("vision_config", v["hidden_act"]), ("text_config", t["hidden_act"])):
+        if act != "silu":
+            raise ValueError(f"qwen2_5_vl {where}.hidden_act {act!r} is not supported (only silu)")
+    vision_rope = v.get("rope_parameters") or {}
+    head_dim = t["hidden_size"] // t["num_attention_heads"]  # Qwen2.5-VL ignores any head_dim field
+    section = tuple(rope.get("mrope_section", (16, 24, 24)))
+    if sum(section) != head_dim // 2:
+        raise ValueError(f"qwen2_5_vl mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}")
+    cfg = VLMConfig(
+        family="qwen2_5_vl",
+        vision=QwenVisionConfig(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                                num_layers=v["depth"], num_heads=v["num_heads"], patch_size=v["patch_size"],
+                                temporal_patch_size=v["temporal_patch_size"], merge_size=v["spatial_merge_size"],
+                                window_size=v["window_size"], full_attention_layers=tuple(v["fullatt_block_indexes"]),
+                                out_hidden_size=v["out_hidden_size"], tokens_per_second=v["tokens_per_second"],
+                                rope_theta=float(vision_rope.get("rope_theta", 10000.0))),
+        text=TextConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+                        intermediate_size=t["intermediate_size"], num_layers=t["num_hidden_layers"],
+                        num_heads=t["num_attention_heads"], num_kv_heads=t["num_key_value_heads"], head_dim=head_dim,
+                        rope_theta=float(rope.get("rope_theta", text_raw.get("rope_theta", 1e6))), rope_factor=1.0,
+                        eps=t["rms_norm_eps"], qkv_bias=True, mrope_section=section),
+        video_token_id=raw.get("video_token_id", 151656),
+        image_token_id=raw.get("image_token_id", 151655),
+        feature_layers=[], select_strategy="full",  # LLaVA-only fields: the Qwen tower has one output
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False) or text_raw.get("tie_word_embeddings", False)),
+        raw=raw,
+    )
+    assert cfg.text.num_heads % cfg.text.num_kv_heads == 0, "query heads must be a multiple of kv heads"
+    assert cfg.vision.hidden_size % cfg.vision.num_heads == 0 and cfg.vision.out_hidden_size == cfg.text.hidden_size
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -261,10 +347,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids, c, dtype):
-    """cos, sin (B, T, hd) for rotate-half RoPE with +theta; inverse frequencies in fp32."""
+    """cos, sin (B, T, hd) for rotate-half RoPE with +theta; inverse frequencies in fp32. position_ids (B, T), or
+    (3, B, T) (t, h, w) for multimodal RoPE: frequency pair i takes its angle from the axis its mrope_section chunk
+    names (chunks t, h, w in turn), so equal t = h = w (text) gives plain RoPE."""
     exponent = torch.arange(0, c.head_dim, 2, device=position_ids.device).float() / c.head_dim
     inv_freq = 1.0 / (c.rope_theta ** exponent) / c.rope_factor  # linear scaling divides positions by the factor
-    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2) or (3, B, T, hd/2)
+    if position_ids.dim() == 3:
+        freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(list(c.mrope_section), -1))], -1)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -303,12 +393,12 @@ class SelfAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, c):
+class MLP(nn.Module):  # SwiGLU; biases only in the Qwen2.5-VL vision blocks
+    def __init__(self, hidden_size, intermediate_size, bias=False):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -320,7 +410,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.eps)
         self.self_attn = SelfAttention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.eps)
-        self.mlp = MLP(c)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size)
 
     def forward(self, x, cos, sin, layout=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
@@ -335,6 +425,143 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.eps)
 
 # -----------------------------------------------------------------------------
+# Qwen2.5-VL vision tower. Input: the processor's flattened patches (N, 3·2·14·14), patches ordered per video as
+# (t, h/2, w/2, 2, 2): each run of 4 consecutive patches is one 2x2 block the merger turns into one LM token.
+# Attention runs inside segments of that sequence: a window of merge_window² blocks of one frame pair in most
+# blocks, a whole frame pair in `full_attention_layers`. We never reorder the sequence (transformers permutes it
+# into window order and back); each segment is a gather, and segments of equal length go to kernels.attention as
+# one non-causal batch (a handful of calls per block: interior windows, edge windows, frames).
+
+
+def vision_segments(grid_thw, cfg, windows):
+    """grid_thw (n_videos, 3) -> [(m, L) long index tensors]: the patches of each attention segment, m segments of
+    length L per tensor, in sequence order. windows=False: one segment per frame pair (t); True: per window of
+    merge_window x merge_window merged blocks (edge windows smaller), ordered (t, window row, window col)."""
+    m, ws = cfg.merge_size, cfg.merge_window
+    ids, offset = [], 0
+    for t, h, w in grid_thw.tolist():
+        bh, bw = h // m, w // m  # merged blocks per side
+        ti, hi, wi = torch.meshgrid(torch.arange(t), torch.arange(bh), torch.arange(bw), indexing="ij")
+        if windows:
+            nwh, nww = -(-bh // ws), -(-bw // ws)
+            seg = (ti * nwh + hi // ws) * nww + wi // ws
+        else:
+            seg = ti
+        ids.append(seg.flatten() + offset)  # per merged block, in sequence order
+        offset += int(seg.max()) + 1
+    block_seg = torch.cat(ids)
+    order = torch.argsort(block_seg, stable=True)  # blocks grouped by segment, sequence order kept inside
+    lengths = torch.bincount(block_seg).tolist()
+    patches = (order[:, None] * m * m + torch.arange(m * m)).flatten()  # block -> its m² patches
+    groups = {}
+    for seg in torch.split(patches, [n * m * m for n in lengths]):
+        groups.setdefault(len(seg), []).append(seg)
+    return [torch.stack(segs) for segs in groups.values()]
+
+
+def patchify(frames, c):
+    """Preprocessed frames (B, F, 3, H, W), H and W multiples of 28 -> the processor's patches (B, t·h·w, 3·tp·p·p)
+    and video_grid_thw (B, 3): F padded to a multiple of the temporal patch by repeating the last frame, then
+    patches in (t, h/2, w/2, 2, 2) order, each flattened as (channel, frame, row, column)."""
+    B, nf, C, H, W = frames.shape
+    tp, p, m = c.temporal_patch_size, c.patch_size, c.merge_size
+    if pad := -nf % tp:
+        frames = torch.cat([frames, frames[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+    t, h, w = frames.shape[1] // tp, H // p, W // p
+    x = frames.reshape(B, t, tp, C, h // m, m, p, w // m, m, p)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)  # (B, t, h/m, w/m, m, m, C, tp, p, p)
+    return x.reshape(B, t * h * w, C * tp * p * p), torch.tensor([[t, h, w]] * B)
+
+
+def rotate_fp32(x, cos, sin):
+    """Rotate-half RoPE computed in fp32 (as transformers does in the Qwen ViT), returned in x's dtype."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class QwenVisionAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
+        self.proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.attn_impl = "auto"  # kernels.attention's impl; VLM.set_attn_impl sets every layer's
+
+    def forward(self, x, cos, sin, segments):  # x (N, D), cos/sin (N, 1, hd)
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # (N, nh, hd) each
+        q, k = rotate_fp32(q, cos, sin), rotate_fp32(k, cos, sin)
+        out = x.new_empty(N, self.num_heads, D // self.num_heads)
+        for idx in segments:  # (m, L): m segments of L patches, one batched non-causal call
+            o = attention(*(t[idx].transpose(1, 2) for t in (q, k, v)), causal=False, impl=self.attn_impl)
+            out[idx] = o.transpose(1, 2)
+        return self.proj(out.view(N, D))
+
+
+class QwenVisionBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm1 = RMSNorm(c.hidden_size, 1e-6)  # eps fixed in transformers, not in the config
+        self.attn = QwenVisionAttention(c)
+        self.norm2 = RMSNorm(c.hidden_size, 1e-6)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=True)
+
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
+        return x + self.mlp(self.norm2(x))
+
+
+class QwenVisionTransformer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(
+            3, c.hidden_size, (c.temporal_patch_size, c.patch_size, c.patch_size),
+            stride=(c.temporal_patch_size, c.patch_size, c.patch_size), bias=False)))
+        self.blocks = nn.ModuleList(QwenVisionBlock(c) for _ in range(c.num_layers))
+
+    def rope(self, grid_thw, device):
+        """cos, sin (N, 1, hd) of the 2-D RoPE: the first half of each head's frequency pairs turns with the patch's
+        row, the second half with its column (theta over hd/2 dims), in the (t, h/2, w/2, 2, 2) patch order."""
+        c, m = self.c, self.c.merge_size
+        hd = c.hidden_size // c.num_heads
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd // 2, 2, device=device).float() / (hd // 2)))
+        rows = []
+        for t, h, w in grid_thw.tolist():
+            hh, ww = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            hw = torch.stack([hh, ww], -1).view(h // m, m, w // m, m, 2).transpose(1, 2).reshape(-1, 2)
+            rows.append(hw.repeat(t, 1))  # (t·h·w, 2) row, column
+        hw = torch.cat(rows)
+        freqs = torch.cat([hw[:, :1] * inv_freq, hw[:, 1:] * inv_freq], -1)  # (N, hd/2)
+        emb = torch.cat([freqs, freqs], -1)[:, None]  # (N, 1, hd)
+        return emb.cos(), emb.sin()
+
+    def forward(self, patches, grid_thw):
+        """patches (N, 3·tp·p·p), grid_thw (n_videos, 3) -> (N, D) final block outputs (before the merger)."""
+        c = self.c
+        assert patches.shape[0] == int(grid_thw.prod(-1).sum()), "pixel_values_videos rows != sum of t·h·w"
+        conv = self.patch_embed.proj  # kernel = stride = one patch: a matmul, run as the conv for transformers' sums
+        x = conv(patches.to(conv.weight.dtype).view(-1, 3, *conv.kernel_size)).flatten(1)  # (N, D)
+        cos, sin = self.rope(grid_thw, x.device)
+        windows = [s.to(x.device) for s in vision_segments(grid_thw, c, windows=True)]
+        frames = [s.to(x.device) for s in vision_segments(grid_thw, c, windows=False)]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, frames if i in c.full_attention_layers else windows)
+        return x
+
+
+class QwenMerger(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.ln_q = RMSNorm(c.hidden_size, 1e-6)
+        wide = c.hidden_size * c.merge_size ** 2
+        self.mlp = nn.Sequential(nn.Linear(wide, wide), nn.GELU(), nn.Linear(wide, c.out_hidden_size))  # erf GELU
+
+    def forward(self, x):  # (N, D) -> (N / m², H): each run of m² patches (one 2x2 block) becomes one token
+        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
+
+# -----------------------------------------------------------------------------
 # the VLM
 
 
@@ -342,10 +569,14 @@ class VLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        self.vision_tower = nn.ModuleDict(dict(vision_model=VisionTransformer(c.vision)))
-        self.multi_modal_projector = Projector(c.vision.hidden_size * len(c.feature_layers), c.text.hidden_size)
-        # OV appends it once per video after the last frame; NV stores it for images only (unused here)
-        self.image_newline = nn.Parameter(torch.empty(c.text.hidden_size))
+        if c.family == "qwen2_5_vl":  # the ViT; its 2x2 patch merger plays the projector
+            self.vision_tower = QwenVisionTransformer(c.vision)
+            self.multi_modal_projector = QwenMerger(c.vision)
+        else:
+            self.vision_tower = nn.ModuleDict(dict(vision_model=VisionTransformer(c.vision)))
+            self.multi_modal_projector = Projector(c.vision.hidden_size * len(c.feature_layers), c.text.hidden_size)
+            # OV appends it once per video after the last frame; NV stores it for images only (unused here)
+            self.image_newline = nn.Parameter(torch.empty(c.text.hidden_size))
         lm = dict(model=TextModel(c.text))
         if not c.tie_word_embeddings:
             lm["lm_head"] = nn.Linear(c.text.hidden_size, c.text.vocab_size, bias=False)
@@ -362,12 +593,27 @@ class VLM(nn.Module):
         return math.ceil(g / 2) ** 2 if self.config.family == "llava_onevision" else (g // 2) ** 2
 
     def num_video_tokens(self, num_frames):
-        """How many <video> ids one video expands to: OV F·⌈g/2⌉²+1 (one newline), NV F·⌊g/2⌋²."""
-        return num_frames * self.tokens_per_frame() + (self.config.family == "llava_onevision")
-
-    def video_features(self, pixel_values_videos):
-        """(B, F, 3, S, S) preprocessed frames -> (B, num_video_tokens(F), H) rows for the <video> positions."""
+        """How many <video> ids one video expands to: OV F·⌈g/2⌉²+1 (one newline), NV F·⌊g/2⌋². Qwen2.5-VL, for
+        frames of the fixed side S = vision.image_size: ⌈F/2⌉ frame pairs x (S/28)² merged blocks."""
         c = self.config
+        if c.family == "qwen2_5_vl":
+            side = c.vision.image_size // (c.vision.patch_size * c.vision.merge_size)
+            return -(-num_frames // c.vision.temporal_patch_size) * side * side
+        return num_frames * self.tokens_per_frame() + (c.family == "llava_onevision")
+
+    def video_features(self, pixel_values_videos, video_grid_thw=None):
+        """(B, F, 3, S, S) preprocessed frames -> (B, num_video_tokens(F), H) rows for the <video> positions.
+        Qwen2.5-VL also takes the processor's patches (N, 3·2·14·14) with video_grid_thw (n, 3) -> (N/4, H)."""
+        c = self.config
+        if c.family == "qwen2_5_vl":
+            B = pixel_values_videos.shape[0]
+            patches, grid = pixel_values_videos, video_grid_thw
+            if pixel_values_videos.dim() == 5:
+                patches, grid = patchify(pixel_values_videos, c.vision)
+            elif grid is None:
+                raise ValueError("pixel_values_videos as flattened patches needs video_grid_thw (the processor's)")
+            x = self.multi_modal_projector(self.vision_tower(patches.flatten(0, -2), grid))  # (N/m², H)
+            return x.view(B, -1, x.shape[-1]) if pixel_values_videos.dim() == 5 else x
         B, nf = pixel_values_videos.shape[:2]
         x = self.vision_tower.vision_model(pixel_values_videos.flatten(0, 1), c.feature_layers)  # (B·F, P, Dv)
         if c.select_strategy == "default":
@@ -384,14 +630,14 @@ class VLM(nn.Module):
         x = F.avg_pool2d(x, kernel_size=2, stride=2).flatten(2).transpose(1, 2)  # (B·F, (g/2)², Dv)
         return self.multi_modal_projector(x).reshape(B, -1, self.config.text.hidden_size)
 
-    def embed(self, input_ids, pixel_values_videos=None, video_features=None):
+    def embed(self, input_ids, pixel_values_videos=None, video_features=None, video_grid_thw=None):
         """Token embeddings with video feature rows scattered, in row-major order, into the <video> positions."""
         x = self.language_model.model.embed_tokens(input_ids)  # (B, T, H)
         is_video = input_ids == self.config.video_token_id
         if video_features is None and pixel_values_videos is not None:
-            video_features = self.video_features(pixel_values_videos)
+            video_features = self.video_features(pixel_values_videos, video_grid_thw)
         n_slots = int(is_video.sum())
-        n_rows = 0 if video_features is None else video_features.shape[0] * video_features.shape[1]
+        n_rows = 0 if video_features is None else video_features.numel() // video_features.shape[-1]
         if n_slots != n_rows:
             raise ValueError(f"input_ids hold {n_slots} video tokens but the videos give {n_rows} feature rows; "
                              f"expand <video> to model.num_video_tokens(num_frames) ids per video")
@@ -400,16 +646,69 @@ class VLM(nn.Module):
         return x
 
     def forward(self, input_ids, pixel_values_videos=None, position_ids=None, layout=None, video_features=None,
-                return_hidden=False):
+                return_hidden=False, video_grid_thw=None, second_per_grid_ts=None):
         """Logits (B, T, V), or final-normed hidden states (B, T, H) with return_hidden=True.
         position_ids (B, T) default 0..T-1 (the caller restarts them for prefix-shared branches);
         layout (B, 1 + 3K) rows [S, q1, c1, r1, ...] or (B, 3) pairs [P, C, R], as in kernels.attention (None:
-        plain causal)."""
-        x = self.embed(input_ids, pixel_values_videos, video_features)
+        plain causal). Qwen2.5-VL: video_grid_thw / second_per_grid_ts as the processor gives them (derived from
+        (B, F, 3, S, S) frames when absent; 1 s per frame pair when absent), and position_ids become the 3-D
+        multimodal ones (`mrope_positions`)."""
+        x = self.embed(input_ids, pixel_values_videos, video_features, video_grid_thw)
         if position_ids is None:
             position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        if self.config.family == "qwen2_5_vl":
+            grid = video_grid_thw if video_grid_thw is not None else self.frames_grid(pixel_values_videos, input_ids)
+            position_ids = self.mrope_positions(input_ids, position_ids, grid, second_per_grid_ts)
         h = self.decode(x, position_ids, layout)
         return h if return_hidden else F.linear(h, self.lm_head_weight)
+
+    def frames_grid(self, pixel_values_videos, input_ids):
+        """video_grid_thw of the fixed-size path: every video has ⌈F/2⌉ frame pairs of S/14 x S/14 patches, with F
+        from (B, F, 3, S, S) frames, or (video features passed instead) from num_video_tokens at S = image_size."""
+        c = self.config.vision
+        if pixel_values_videos is not None and pixel_values_videos.dim() == 5:
+            B, nf, _, H, W = pixel_values_videos.shape
+            t, h, w = -(-nf // c.temporal_patch_size), H // c.patch_size, W // c.patch_size
+        else:
+            h = w = c.image_size // c.patch_size
+            per_t = h * w // c.merge_size ** 2
+            n = int((input_ids == self.config.video_token_id).sum(1).max())
+            B, t = int((input_ids == self.config.video_token_id).any(1).sum()), n // per_t
+        return torch.tensor([[t, h, w]] * B)
+
+    def mrope_positions(self, input_ids, position_ids, video_grid_thw, second_per_grid_ts=None):
+        """(B, T) positions -> (3, B, T) (t, h, w) multimodal RoPE positions, as transformers 5.24's get_rope_index:
+        a video starting at position s gets t = s + ⌊i·tokens_per_second·second_per_grid_ts⌋ for frame pair i,
+        h = s + row, w = s + column (in merged blocks); text after it continues from s + max(rows, columns) (not
+        from the largest position: 5.24's rule); text before it keeps its position. Videos take their grids in
+        row-major order of their tokens. Works on packed rows too: branch positions restarted by the caller after
+        the prefix get the same shift as the text right after the video."""
+        c = self.config.vision
+        is_video = input_ids == self.config.video_token_id
+        p = position_ids.expand(input_ids.shape)
+        if not bool(is_video.any()):
+            return p[None].expand(3, -1, -1)
+        video_pos = p[None].repeat(3, 1, 1)  # (3, B, T); only the video slots are used
+        shift = torch.zeros_like(p)  # what each token's position gains from the videos before it
+        rows, cols = is_video.nonzero(as_tuple=True)  # row-major: the order the features are scattered in
+        seconds = [1.0] * len(video_grid_thw) if second_per_grid_ts is None else second_per_grid_ts
+        offset = 0
+        for (t, h, w), sec in zip(video_grid_thw.tolist(), seconds):
+            h, w = h // c.merge_size, w // c.merge_size
+            n = t * h * w
+            b, at = rows[offset:offset + n], cols[offset:offset + n]
+            assert n and bool((b == b[0]).all()), "a video's tokens must lie in one row"
+            b, first = int(b[0]), int(at[0])
+            start = int(p[b, first] + shift[b, first])
+            # the temporal step in fp32, truncated after the multiply, as the processor's float32 tensors give it
+            step = torch.as_tensor(sec, dtype=torch.float32) * c.tokens_per_second
+            tt = (torch.arange(t) * step).long()
+            grid = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij")).view(3, -1)
+            video_pos[:, b, at] = (grid + start).to(p.device)
+            shift[b] += torch.where(p[b] >= p[b, first] + n, max(h, w) - n, 0)
+            offset += n
+        assert offset == len(rows), f"input_ids hold {len(rows)} video tokens, video_grid_thw covers {offset}"
+        return torch.where(is_video, video_pos, p + shift)
 
     def decode(self, x, position_ids, layout=None, caches=None):
         lm = self.language_model.model
@@ -420,10 +719,11 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, pixel_values_videos=None, video_features=None, max_new_tokens=64, temperature=0.0,
-                 top_p=1.0, stop_ids=(), seed=None):
+                 top_p=1.0, stop_ids=(), seed=None, video_grid_thw=None, second_per_grid_ts=None):
         """Batched generation with a KV cache. prompts: list of token-id lists (left-padded here; a video row holds
         num_video_tokens ids). Greedy when temperature == 0, else temperature + nucleus (top_p) sampling.
-        Returns each row's new ids, the stop token excluded."""
+        Returns each row's new ids, the stop token excluded. Qwen2.5-VL: 3-D positions for the prompt; each new
+        token takes the row's largest position + 1 (transformers' rope delta)."""
         device, dtype = self.lm_head_weight.device, self.lm_head_weight.dtype
         B, T0 = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros(B, T0, dtype=torch.long, device=device)
@@ -431,8 +731,11 @@ class VLM(nn.Module):
         for i, p in enumerate(prompts):
             ids[i, T0 - len(p):] = torch.tensor(p, device=device)
             valid[i, T0 - len(p):T0] = True
-        x = self.embed(ids, pixel_values_videos, video_features)
+        x = self.embed(ids, pixel_values_videos, video_features, video_grid_thw)
         positions = (valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+        if self.config.family == "qwen2_5_vl":
+            grid = video_grid_thw if video_grid_thw is not None else self.frames_grid(pixel_values_videos, ids)
+            positions = self.mrope_positions(ids, positions, grid, second_per_grid_ts)  # (3, B, T0)
         c = self.config.text
         kv = [(torch.empty(B, c.num_kv_heads, T0 + max_new_tokens, c.head_dim, device=device, dtype=dtype),
                torch.empty(B, c.num_kv_heads, T0 + max_new_tokens, c.head_dim, device=device, dtype=dtype))
@@ -442,7 +745,7 @@ class VLM(nn.Module):
         mask = (causal & valid[:, None, :T0]) | torch.eye(T0, dtype=torch.bool, device=device)
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         out, done = [[] for _ in range(B)], [False] * B
-        start, last_pos = 0, positions[:, -1]
+        start, last_pos = 0, positions.amax(dim=-1) if positions.dim() == 2 else positions.amax(dim=(0, 2))
         for _ in range(max_new_tokens):
             caches = [(k, v, start, mask[:, None]) for k, v in kv]
             h = self.decode(x, positions, caches=caches)[:, -1]  # (B, H)
@@ -478,7 +781,8 @@ class VLM(nn.Module):
             raw = json.load(f)
         config = parse_config(raw)
         headers = checkpoint_headers(path)  # file -> (header, data offset); names and shapes only, no data read
-        sources = {canonical_name(key): (file, key) for file, (header, _) in headers.items() for key in header}
+        sources = {canonical_name(key, config.family): (file, key)
+                   for file, (header, _) in headers.items() for key in header}
         sources.pop(None, None)  # skipped names (rotary inv_freq buffers)
         # a head stored for a tied model is ignored (transformers ties anyway); no head stored means tied
         config.tie_word_embeddings = config.tie_word_embeddings or "language_model.lm_head.weight" not in sources
@@ -526,7 +830,8 @@ class VLM(nn.Module):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
-        state = {k: cast(v.detach().cpu()).contiguous() for k, v in self.state_dict().items()}
+        state = {hub_name(k, self.config.family): cast(v.detach().cpu()).contiguous()
+                 for k, v in self.state_dict().items()}
         shards, size = [{}], 0
         for name, t in state.items():
             nbytes = t.numel() * t.element_size()
@@ -576,10 +881,21 @@ def sample(logits, temperature, top_p, generator=None):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def canonical_name(key):
-    """Map a stored tensor name from any of the three layouts to our module name; None to skip it."""
-    if key.endswith("rotary_emb.inv_freq"):
+QWEN_NAMES = (("visual.merger.", "multi_modal_projector."), ("visual.", "vision_tower."),
+              ("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))  # 4.x hub -> ours
+
+
+def canonical_name(key, family="llava_onevision"):
+    """Map a stored tensor name from any of the layouts to our module name; None to skip it."""
+    if key.endswith("rotary_emb.inv_freq") or key.endswith("rotary_pos_emb.inv_freq"):
         return None
+    if family == "qwen2_5_vl":  # transformers 5: model.visual.*, model.language_model.*; 4.49+: visual.*, model.*
+        if key.startswith(("model.visual.", "model.language_model.")):
+            key = key[len("model."):].replace("language_model.", "model.", 1)
+        for hub, ours in QWEN_NAMES:
+            if key.startswith(hub):
+                return ours + key[len(hub):]
+        return key
     if key.startswith("model."):  # 4.52+ layout: model.language_model.*, model.vision_tower.*, ...
         key = key[len("model."):]
         if key.startswith("language_model."):
@@ -589,6 +905,15 @@ def canonical_name(key):
     if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
         key = "vision_tower.vision_model." + key[len("vision_tower."):]  # transformers 5 save layout
     return key
+
+
+def hub_name(name, family):
+    """Our module name -> the name save_pretrained writes (the 4.x hub layout, which transformers 5 also writes)."""
+    if family == "qwen2_5_vl":
+        for hub, ours in QWEN_NAMES:
+            if name.startswith(ours):
+                return hub + name[len(ours):]
+    return name
 
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

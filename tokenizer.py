@@ -32,7 +32,7 @@ import tiktoken
 # GPT-2's pre-tokenizer pattern: what a bare `ByteLevel(use_regex=true)` pre-tokenizer splits with.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-FAMILIES = ("llava_onevision", "llava_next_video")
+FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_5_vl")
 
 
 def bytes_to_unicode():
@@ -340,6 +340,7 @@ class Tokenizer:
         config, generation = read("config.json"), read("generation_config.json")
         tok_config = read("tokenizer_config.json")
         family = config.get("model_type")
+        qwen = family == "qwen2_5_vl"  # Qwen-VL's media tokens are <|video_pad|> / <|image_pad|>
 
         def token_id(key, name):
             """An id from config.json when written there, checked against the tokenizer's own added token."""
@@ -371,8 +372,8 @@ class Tokenizer:
         pad_id = named(tok_config.get("pad_token"))
         pad_id = pad_id if pad_id is not None else special.get("<|endoftext|>", eos_id)
         return cls(enc, "NFC" if normalizer else None, special, family=family, eos_id=eos_id, stop_ids=stop_ids,
-                   pad_id=pad_id, video_token_id=token_id("video_token", "<video>"),
-                   image_token_id=token_id("image_token", "<image>"),
+                   pad_id=pad_id, video_token_id=token_id("video_token", "<|video_pad|>" if qwen else "<video>"),
+                   image_token_id=token_id("image_token", "<|image_pad|>" if qwen else "<image>"),
                    skip_ids={t["id"] for t in added if t.get("special")}, bos_id=bos_id, llama=llama)
 
     def encode(self, text):
@@ -438,10 +439,21 @@ def chat_prompt(family, messages, add_generation_prompt=True):
     per message, images then videos first (whatever their place in the list), then the texts; no default system
     prompt. llava_onevision: ChatML `<|im_start|>role\\n<video>\\ntext<|im_end|>\\n`, generation prompt
     `<|im_start|>assistant\\n`. llava_next_video: `USER: <video>\\ntext ` with no role prefix for system, and
-    `ASSISTANT:` as generation prompt (its tokenizer adds BOS, not the template)."""
+    `ASSISTANT:` as generation prompt (its tokenizer adds BOS, not the template). qwen2_5_vl: ChatML with the
+    default system turn "You are a helpful assistant." unless the first message is a system one, parts in their
+    own order, a video as `<|vision_start|><|video_pad|><|vision_end|>` (an image with `<|image_pad|>`), no
+    separator before the text."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
     out = []
+    if family == "qwen2_5_vl":
+        if messages and messages[0]["role"] != "system":
+            out.append("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+        pads = {kind: f"<|vision_start|><|{kind}_pad|><|vision_end|>" for kind in ("image", "video")}
+        for message in messages:
+            body = "".join(p["text"] if p["type"] == "text" else pads[p["type"]] for p in _parts(message["content"]))
+            out.append(f"<|im_start|>{message['role']}\n{body}<|im_end|>\n")
+        return "".join(out) + ("<|im_start|>assistant\n" if add_generation_prompt else "")
     for message in messages:
         role, parts = message["role"], _parts(message["content"])
         media = "".join("<image>\n" for p in parts if p["type"] == "image")

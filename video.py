@@ -26,6 +26,7 @@ the run. A worker past `timeout` is killed and replaced (reason "decode_timeout"
 """
 
 import bisect
+import math
 import os
 import signal
 import threading
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 NORMALIZE = {
     "llava_onevision": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "llava_next_video": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # CLIP
+    "qwen2_5_vl": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # CLIP
 }
 
 REASONS = {
@@ -237,6 +239,8 @@ def preprocess(frames, family, image_size):
     processor computes them on CPU:
     - llava_onevision: resize to exactly S×S (aspect not kept);
     - llava_next_video: resize the shortest edge to S (long edge int(S·long/short)), centre-crop S×S;
+    - qwen2_5_vl (the fixed-size path the scripts use): resize to exactly S×S, S a multiple of 28; the processor's
+      own sizes and frame choice are `decode_video_qwen`;
     resizing is antialiased bicubic on the uint8 tensor itself (interpolate's uint8 path rounds between its two
     passes; resizing in float and rounding afterwards differs by up to ±21 levels), skipped when already at size;
     then (x - 255·mean) / (255·std) in float32, the processor's fused rescale + normalize."""
@@ -248,7 +252,7 @@ def preprocess(frames, family, image_size):
     x = x.permute(0, 3, 1, 2)                          # (F, 3, H, W) uint8
     h, w = x.shape[-2:]
     S = image_size
-    if family == "llava_onevision":
+    if family in ("llava_onevision", "qwen2_5_vl"):
         size = (S, S)
     else:
         short, long = min(h, w), max(h, w)
@@ -261,6 +265,81 @@ def preprocess(frames, family, image_size):
         x = x[:, :, top:top + S, left:left + S]
     mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) * 255.0 for v in NORMALIZE[family])
     return ((x.float() - mean) / std).contiguous()     # (F, 3, S, S) float32
+
+
+# -----------------------------------------------------------------------------
+# Qwen2.5-VL as its processor (Qwen2VLVideoProcessor with do_sample_frames) prepares a video: `fps` frames per second
+# within [min_frames, max_frames] and a multiple of the temporal patch (2), each frame resized to the multiples of 28
+# nearest its size within [min_pixels, max_pixels] (`smart_resize`), CLIP mean/std. model.patchify then groups the
+# frames into the processor's flattened patches + video_grid_thw.
+
+QWEN_FPS, QWEN_MIN_FRAMES, QWEN_MAX_FRAMES = 2.0, 4, 768
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28  # the video processor's size defaults
+
+
+def smart_resize(height, width, factor=28, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS):
+    """(H, W) -> (H', W'): multiples of `factor`, each side rounded (Python's round) to the nearest; if the area
+    leaves [min_pixels, max_pixels], both sides scaled by one factor onto it (floored when shrinking, ceiled when
+    growing), keeping the aspect ratio as closely as the grid allows."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"frame {height}x{width}: aspect ratio above 200 (the processor's limit)")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * scale / factor) * factor, math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def qwen_frame_indices(total_frames, video_fps, fps=QWEN_FPS, min_frames=QWEN_MIN_FRAMES, max_frames=QWEN_MAX_FRAMES,
+                       temporal_patch=2):
+    """Indices of the decoded frames the processor keeps: duration x fps frames, clamped to [min_frames,
+    max_frames] and to the video, floored to a multiple of the temporal patch, spaced evenly from frame 0 (the
+    float32 arange the processor uses, truncated)."""
+    top = math.floor(min(max_frames, total_frames) / temporal_patch) * temporal_patch
+    n = min(max(total_frames / video_fps * fps, min_frames), top, total_frames)
+    n = math.floor(n / temporal_patch) * temporal_patch
+    if n < temporal_patch:
+        raise ValueError(f"a video of {total_frames} frames is shorter than one temporal patch ({temporal_patch})")
+    return torch.arange(0, total_frames, total_frames / n).int().tolist()
+
+
+def read_all_frames(path, keep=None):
+    """Decode every frame in order; return the frames whose ordinal is in `keep` (all when None) as uint8
+    (n, H, W, 3) and the stream's (frame count, average fps). Memory holds the kept frames only."""
+    path = os.fspath(path)
+    container, stream = _open(path)
+    try:
+        with container:
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+            container.seek(stream.start_time or 0, backward=True, stream=stream)
+            wanted = set(range(total) if keep is None else keep(total, fps))
+            frames = [(i, f.to_ndarray(format="rgb24")) for i, f in enumerate(container.decode(stream)) if i in wanted]
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise VideoError(path, "decode_error", e) from e
+    if not frames:
+        raise VideoError(path, "no_frames", "no frame could be decoded")
+    return np.stack([f for _, f in frames]), dict(total_frames=total, fps=fps, indices=[i for i, _ in frames])
+
+
+def decode_video_qwen(path, fps=QWEN_FPS, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
+                      min_frames=QWEN_MIN_FRAMES, max_frames=QWEN_MAX_FRAMES):
+    """One video -> (float32 numpy (F, 3, H', W'), info with `indices`, `second_per_grid_ts` (2 / the sampled
+    fps, as Qwen2_5_VLProcessor computes it) and `unique_frames`), the processor's preprocessing on CPU."""
+    frames, info = read_all_frames(path, keep=lambda total, video_fps: qwen_frame_indices(
+        total, video_fps, fps, min_frames, max_frames))
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (F, 3, H, W) uint8
+    size = smart_resize(*x.shape[-2:], min_pixels=min_pixels, max_pixels=max_pixels)
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) * 255.0 for v in NORMALIZE["qwen2_5_vl"])
+    sampled_fps = len(info["indices"]) / info["total_frames"] * info["fps"]
+    info.update(second_per_grid_ts=2 / sampled_fps, unique_frames=len(info["indices"]))
+    return ((x.float() - mean) / std).numpy(), info
 
 
 # -----------------------------------------------------------------------------
