@@ -246,10 +246,14 @@ def barrier(world):
 
 
 def build_scorer(path, cfg, device, trainable):
-    """VLM from `path` (fp32) wrapped in a PairScorer; frozen parts per cfg; FSDP2 when cfg['fsdp']."""
-    from model import VLM
-    vlm = VLM.from_pretrained(path, device="cpu" if cfg["fsdp"] else device, dtype=torch.float32,
-                              attn_impl=cfg["attn_impl"])
+    """VLM from `path` (fp32) wrapped in a PairScorer; frozen parts per cfg; FSDP2 when cfg['fsdp'] (sharded while
+    still on `meta`, then filled shard by shard: no rank ever holds the whole model)."""
+    from model import VLM, load_sharded
+    if cfg["fsdp"]:  # built on meta, sharded below, then each rank reads only its shard into memory
+        vlm, sources, headers = VLM.on_meta(path)
+        vlm.set_attn_impl(cfg["attn_impl"])
+    else:
+        vlm = VLM.from_pretrained(path, device=device, dtype=torch.float32, attn_impl=cfg["attn_impl"])
     for p in vlm.parameters():
         p.requires_grad_(trainable)
     if trainable:
@@ -271,6 +275,7 @@ def build_scorer(path, cfg, device, trainable):
         for layer in layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(scorer, mp_policy=mp)  # the root: embeddings, vision tower, projector, final norm, head
+        load_sharded(vlm, sources, headers, device)  # peak host memory per rank: its shard + the largest tensor
     scorer.train(trainable)
     return scorer
 

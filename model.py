@@ -770,10 +770,10 @@ class VLM(nn.Module):
     # checkpoints
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, attn_impl="auto"):
-        """Load a Hugging Face checkpoint directory. Built on `meta`, tensors read one at a time and assigned
-        (peak memory ≈ one copy of the weights in `dtype`, plus the largest tensor). attn_impl: kernels.attention's
-        impl for every layer ("auto", "triton", "sdpa")."""
+    def on_meta(cls, path):
+        """(model on `meta`, sources {our name: (file, stored key)}, headers) for a checkpoint directory: config.json
+        read, every stored name mapped to ours and every shape checked; no tensor data read. from_pretrained fills
+        it; so does load_sharded after FSDP2 has sharded it."""
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise ValueError(f"no config.json in {path!r}: point at a Hugging Face checkpoint directory")
@@ -796,19 +796,22 @@ class VLM(nn.Module):
             raise ValueError(f"checkpoint {path!r} does not match a {config.family} model: "
                              f"missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                              f"unexpected tensors {extra[:8]}{'...' if len(extra) > 8 else ''}")
-        state = {}
         for name, (file, key) in sources.items():
             shape = tuple(headers[file][0][key]["shape"])
             if shape != expected[name]:
                 raise ValueError(f"tensor {key!r} in {os.path.basename(file)} has shape {shape}, "
                                  f"expected {expected[name]} from config.json")
-        for file, (header, data_start) in headers.items():
-            with open(file, "rb") as f:
-                for name, (src, key) in sources.items():
-                    if src == file:  # one tensor in memory at a time, in the file's dtype, then cast
-                        state[name] = read_tensor(f, header[key], data_start).to(device=device, dtype=dtype)
-        model.load_state_dict(state, assign=True, strict=True)
         model.source_dir = path
+        return model, sources, headers
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, attn_impl="auto"):
+        """Load a Hugging Face checkpoint directory. Built on `meta`, tensors read one at a time and assigned
+        (peak memory ≈ one copy of the weights in `dtype`, plus the largest tensor). attn_impl: kernels.attention's
+        impl for every layer ("auto", "triton", "sdpa")."""
+        model, sources, headers = cls.on_meta(path)
+        state = {name: t.to(device=device, dtype=dtype) for name, t in read_checkpoint(sources, headers)}
+        model.load_state_dict(state, assign=True, strict=True)
         model.set_attn_impl(attn_impl)
         return model.eval()
 
@@ -931,6 +934,33 @@ def safetensors_header(file):
         raise ValueError(f"{file!r} is not a readable safetensors file ({e}); re-download it") from e
     header.pop("__metadata__", None)
     return header, 8 + n
+
+
+def read_checkpoint(sources, headers):
+    """(our name, tensor in its stored dtype) for every tensor of `sources`, file by file, one tensor at a time."""
+    for file, (header, data_start) in headers.items():
+        with open(file, "rb") as f:
+            for name, (src, key) in sources.items():
+                if src == file:
+                    yield name, read_tensor(f, header[key], data_start)
+
+
+def load_sharded(model, sources, headers, device, dtype=torch.float32):
+    """Fill a model built by VLM.on_meta whose parameters FSDP2 has sharded (fully_shard on `meta`): storage is made
+    on `device`, then each rank reads each full tensor, keeps its own shard and drops the rest, so a rank's peak host
+    memory is its shard plus the largest tensor, not the whole model. Every rank calls this (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, full in read_checkpoint(sources, headers):
+            p, full = params[name], full.to(device=device, dtype=dtype)
+            if isinstance(p, DTensor):  # src_data_rank=None: slice locally, every rank holds the same full tensor
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+            else:
+                p.copy_(full)
+            del full
+    return model
 
 
 def read_tensor(f, info, data_start):
