@@ -46,8 +46,9 @@ video_root = ""  # item `video` paths are relative to this
 model = ""  # HF checkpoint dir: generate answers with our VLM
 answers = ""  # or: a JSONL {id, answer, model} made elsewhere (e.g. vLLM serving any video LLM)
 out_dir = "out/bench"
-judge_url = ""  # "" -> $OPENAI_BASE_URL; "offline" -> keyword refusal rule (CI, demo; not a real judge)
-judge_model = "gpt-4o-mini"
+judge_url = ""  # "" -> $OPENAI_BASE_URL; "offline" -> keyword refusal rule (CI, demo; not a real judge); a,b,...
+judge_model = "gpt-4o-mini"  # a,b,...: several judges (one URL for all, or one model per URL), each judges every item
+judge_verdict = "majority"  # several judges: "majority" (median score / most frequent label) or one judge's name
 judge_logprobs = True  # ask for top_logprobs (RJScore expectation); dropped for good if the endpoint rejects it
 judge_max_tokens = 64  # the verdict line plus a one-sentence reason
 concurrency = 8  # judge calls in flight
@@ -308,28 +309,62 @@ def judge_one(client, item, answer, tpl, rules, threshold, opts):
     return rec
 
 
-def judge_client(cfg):
-    """The judge's llm.Client, checked with one preflight call: a dead endpoint or a bad key fails in seconds, before
-    any answer is generated."""
-    offline = cfg["judge_url"] == "offline"
-    client = llm.Client(cfg["judge_url"], "offline" if offline else cfg["judge_model"],
-                        connect_timeout=cfg["connect_timeout"], read_timeout=cfg["read_timeout"],
-                        deadline=cfg["request_deadline"], max_retries=cfg["max_retries"],
-                        backoff_base=cfg["backoff_base"], concurrency=cfg["concurrency"],
-                        cache_path=os.path.join(cfg["out_dir"], "judge_cache.sqlite"), offline=offline_verdict)
+def judge_specs(judge_url, judge_model):
+    """[(url, model)] for the judges: judge_url and judge_model are comma-separated lists -- one URL for several
+    models, several URLs for one model, or as many of each, paired in order. The offline judge is named "offline".
+    A judge's model name is its name in judgments.jsonl, so names must differ."""
+    urls = [u.strip() for u in (judge_url or os.environ.get("OPENAI_BASE_URL", "")).split(",") if u.strip()]
+    models = [m.strip() for m in judge_model.split(",") if m.strip()] or [""]
+    if len(urls) == 1:
+        urls = urls * len(models)
+    elif len(models) == 1:
+        models = models * len(urls)
+    if len(urls) != len(models):
+        raise ValueError(f"judge_url lists {len(urls)} endpoints and judge_model {len(models)} models: give one URL "
+                         "for all models, one model for all URLs, or as many of each (paired in order)")
+    specs = [(llm.check_url(u, "judge_url"), "offline" if u == "offline" else m) for u, m in zip(urls, models)]
+    names = [m for _, m in specs]
+    dup = sorted({m for m in names if names.count(m) > 1})
+    if dup or "" in names:
+        raise ValueError(f"judges need distinct, non-empty model names (judge {dup[0] if dup else '(empty)'!r} "
+                         f"appears twice or is empty): set judge_model to one name per judge URL")
+    return specs
+
+
+def check_verdict_rule(rule, names):
+    if rule != "majority" and rule not in names:
+        raise ValueError(f"judge_verdict {rule!r} is neither 'majority' nor one of the judges {names}")
+
+
+def judge_clients(cfg):
+    """One llm.Client per judge, each checked with one preflight call: a dead endpoint or a bad key fails in seconds,
+    before any answer is generated."""
+    clients = []
     try:
-        client.preflight()
+        for url, name in judge_specs(cfg["judge_url"], cfg["judge_model"]):
+            clients.append(llm.Client(url, name, connect_timeout=cfg["connect_timeout"],
+                                      read_timeout=cfg["read_timeout"], deadline=cfg["request_deadline"],
+                                      max_retries=cfg["max_retries"], backoff_base=cfg["backoff_base"],
+                                      concurrency=cfg["concurrency"], offline=offline_verdict,
+                                      cache_path=os.path.join(cfg["out_dir"], "judge_cache.sqlite")))
+            clients[-1].preflight()
     except llm.EndpointUnavailable as e:
-        client.close()
+        for c in clients:
+            c.close()
         raise llm.FatalError(str(e)) from e
-    return client
+    except BaseException:
+        for c in clients:
+            c.close()
+        raise
+    return clients
 
 
 def run_judge(client, items_by_id, answers_by_id, out_dir, cfg):
-    """Judge every answered item not yet in judgments.jsonl; returns counts. Transient failures go to
-    judgments.errors.jsonl and are retried by the next run (the cache makes that free where a reply came back)."""
+    """Judge every answered item this judge (client.model) has not judged yet in judgments.jsonl, which holds one
+    record per item and judge; returns counts. Transient failures go to judgments.errors.jsonl and are retried by the
+    next run (the cache makes that free where a reply came back)."""
     path, err_path = os.path.join(out_dir, "judgments.jsonl"), os.path.join(out_dir, "judgments.errors.jsonl")
-    done = {j["id"] for j in iter_records(path)}
+    done = {j["id"] for j in iter_records(path) if j.get("judge") == client.model}
     todo = [items_by_id[i] for i in answers_by_id if i in items_by_id and i not in done]
     if not todo:
         return dict(judged=0, transient_failures=0)
@@ -339,7 +374,7 @@ def run_judge(client, items_by_id, answers_by_id, out_dir, cfg):
     counts = Counter()
     work = lambda it: judge_one(client, it, answers_by_id[it["id"]]["answer"], tpl, rules,  # noqa: E731
                                 cfg["threshold"], opts)
-    with Writer(path) as fo, Writer(err_path, dedupe=False) as fe:
+    with Writer(path, dedupe=False) as fo, Writer(err_path, dedupe=False) as fe:  # todo holds no judged item
         progress = Progress("judge", len(todo), "items", enabled=cfg["progress"], every=30.0)
         for it, rec, err in client.map(work, todo):
             if err is None:
@@ -347,7 +382,8 @@ def run_judge(client, items_by_id, answers_by_id, out_dir, cfg):
                 counts["judged"] += 1
                 counts[rec["label"]] += 1
             else:  # transient (timeout, 5xx after retries, deferred) or a bug: record, leave for a rerun
-                fe.write({"id": it["id"], "error": f"{type(err).__name__}: {str(err)[:500]}"})
+                fe.write({"id": it["id"], "judge": client.model,
+                          "error": f"{type(err).__name__}: {str(err)[:500]}"})
                 counts["transient_failures"] += 1
             progress.update()
         progress.close()
@@ -377,7 +413,8 @@ def run(cfg):
     if not (cfg["judge_url"] or os.environ.get("OPENAI_BASE_URL")):  # before hours of generation, not after
         raise ValueError("no judge endpoint: set --judge_url (or OPENAI_BASE_URL) to an OpenAI-compatible base URL "
                          "such as http://localhost:8000/v1, or to 'offline' for the keyword rule")
-    llm.check_url(cfg["judge_url"], "judge_url")
+    names = [m for _, m in judge_specs(cfg["judge_url"], cfg["judge_model"])]
+    check_verdict_rule(cfg["judge_verdict"], names)
     out_dir = cfg["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
     items_list = load_items(cfg["items"])
@@ -389,14 +426,15 @@ def run(cfg):
     if unknown:
         print(f"warning: rule ids {unknown[:5]} are not in {cfg['taxonomy']}; those items are judged against a "
               "generic rule for their category")
-    client = judge_client(cfg)  # before hours of answering, not after
+    clients = judge_clients(cfg)  # before hours of answering, not after
     try:
-        return answer_and_judge(client, cfg, items_list, items_by_id, tax, overlap)
+        return answer_and_judge(clients, cfg, items_list, items_by_id, tax, overlap)
     finally:
-        client.close()
+        for c in clients:
+            c.close()
 
 
-def answer_and_judge(client, cfg, items_list, items_by_id, tax, overlap):
+def answer_and_judge(clients, cfg, items_list, items_by_id, tax, overlap):
     """Answers (from our model or a file), then judgments, then the summary; returns it with its status."""
     out_dir = cfg["out_dir"]
     gen, unreadable = None, set()
@@ -418,21 +456,34 @@ def answer_and_judge(client, cfg, items_list, items_by_id, tax, overlap):
             raise FileNotFoundError(f"answers {answers_path!r} not found")
     answers_by_id = {a["id"]: a for a in iter_records(answers_path, required=("id", "answer"))
                      if a["id"] in items_by_id}
-    t0 = time.perf_counter()
-    counts = run_judge(client, items_by_id, answers_by_id, out_dir, cfg)
-    dt = time.perf_counter() - t0
-    if counts.get("judged"):
-        print(f"judge: {counts['judged']} judged in {dt:.1f} s ({counts['judged'] / dt:.1f} items/s), "
-              f"{counts.get('judge_error', 0)} judge errors, {counts.get('transient_failures', 0)} left for a rerun")
-    judgments = [j for j in iter_records(os.path.join(out_dir, "judgments.jsonl")) if j["id"] in items_by_id]
+    for client in clients:  # one judge after another: each judge's calls in flight together, none across judges
+        t0 = time.perf_counter()
+        counts = run_judge(client, items_by_id, answers_by_id, out_dir, cfg)
+        dt = time.perf_counter() - t0
+        if counts.get("judged"):
+            print(f"judge {client.model}: {counts['judged']} judged in {dt:.1f} s ({counts['judged'] / dt:.1f} "
+                  f"items/s), {counts.get('judge_error', 0)} judge errors, {counts.get('transient_failures', 0)} "
+                  "left for a rerun")
+    names = [c.model for c in clients]
+    by_judge = {g: {} for g in names}  # judge -> {id: judgment}; judges not configured now are ignored
+    for j in iter_records(os.path.join(out_dir, "judgments.jsonl")):
+        if j["id"] in items_by_id and j.get("judge") in by_judge:
+            by_judge[j["judge"]][j["id"]] = j
+    judgments = report.headline(by_judge, names, cfg["judge_verdict"], cfg["threshold"])
     models = sorted({a.get("model", "?") for a in answers_by_id.values()})
-    extra = dict(model=", ".join(models) or cfg["model"], judge="offline" if cfg["judge_url"] == "offline"
-                 else cfg["judge_model"], items=len(items_list), answered=len(answers_by_id),
+    extra = dict(model=", ".join(models) or cfg["model"], judge=judgments[0]["judge"] if judgments else names[0],
+                 judges=names, items=len(items_list), answered=len(answers_by_id),
                  unanswered=len(items_list) - len(answers_by_id), unreadable=len(unreadable & set(items_by_id)),
                  unjudged=len(answers_by_id) - len(judgments),
                  train_overlap=overlap, taxonomy_version=tax["version"], generation=gen)
+    if len(names) > 1:
+        extra.update(verdict_rule=verdict_rule(cfg["judge_verdict"], names),
+                     judge_agreement=report.judge_agreement(by_judge, names, cfg["threshold"], cfg["n_bootstrap"],
+                                                            cfg["seed"]),
+                     per_judge={g: report.group_metrics(list(by_judge[g].values()), cfg["threshold"], cfg["ci"],
+                                                        cfg["n_bootstrap"], cfg["seed"]) for g in names})
     summary = report.summarize(judgments, cfg["threshold"], cfg["ci"], cfg["n_bootstrap"], cfg["seed"], extra)
-    report.write_report(out_dir, summary, judgments, items_by_id, answers_by_id)
+    report.write_report(out_dir, summary, judgments, items_by_id, answers_by_id, by_judge)
     report.plot_runs(out_dir, [(os.path.basename(os.path.normpath(out_dir)), summary)])
     fmt = report.fmt
     print(f"safety {fmt(summary['safety_rate'])} %, over-refusal {fmt(summary['over_refusal_rate'])} %, "
@@ -444,6 +495,17 @@ def answer_and_judge(client, cfg, items_list, items_by_id, tax, overlap):
     if left:
         print(f"{left} items left for a rerun ({unanswered} unanswered, {summary['unjudged']} unjudged)")
     return dict(summary, status="incomplete" if left else "done")
+
+
+def verdict_rule(rule, names):
+    """The headline rule as the summary records it: the rule, the judges in order, and the rule in words."""
+    if rule == "majority":
+        words = ("majority of the judges: a harmful item's score is the median of their scores (odd count: the "
+                 "majority vote; even: the mean of the middle two breaks a tie), a benign item's label the most "
+                 "frequent one, a tie going to the judge listed first; judge errors sit out the vote")
+    else:
+        words = f"the primary judge {rule} decides; the others only feed judge_agreement"
+    return dict(rule=rule, judges=names, statement=words)
 
 
 def summary_path(cfg):
