@@ -69,6 +69,7 @@ allow_train_overlap = False
 ci = "wilson"  # wilson | bootstrap (for rates)
 n_bootstrap = 2000
 seed = 1337
+mcq = ""  # multiple-choice video QA JSONL {id, video, question, options, answer}: option log-likelihood, --model
 compare = ""  # run dirs, comma-separated: compare each to the first, write to out_dir
 connect_timeout = 10.0
 read_timeout = 120.0
@@ -178,6 +179,156 @@ def generate_answers(todo, cfg, out_path, err_path):
                 bar.close()
     return dict(answered=stats["answered"], failed=stats["failed"], new_tokens=stats["new_tokens"],
                 seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# capability kept: multiple-choice video QA scored by the log-likelihood of each option (no judge, no sampling)
+
+
+def load_mcq(path):
+    """MCQ items {id, video, question, options: [str, ...], answer}, validated; `answer` (the correct option's index,
+    its letter "A".. or its text) becomes the index `answer_index`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"mcq {path!r} not found; set --mcq to a JSONL of {{id, video, question, options, "
+                                "answer}} (data/mvbench/prepare.py, data/videomme/prepare.py)")
+    out, seen = [], set()
+    for it in iter_records(path, required=("id", "video", "question", "options", "answer")):
+        opts, ans = it["options"], it["answer"]
+        if not isinstance(opts, list) or len(opts) < 2 or not all(isinstance(o, str) and o for o in opts):
+            raise ValueError(f"{path}: item {it['id']} needs `options`, a list of two or more non-empty strings")
+        letters = [chr(65 + k) for k in range(len(opts))]
+        if isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < len(opts):
+            k = ans
+        elif isinstance(ans, str) and ans.strip().upper() in letters:
+            k = letters.index(ans.strip().upper())
+        elif ans in opts:
+            k = opts.index(ans)
+        else:
+            raise ValueError(f"{path}: item {it['id']} has answer {ans!r}: give the index, the letter or the text of "
+                             "one of its options")
+        if it["id"] in seen:
+            raise ValueError(f"{path}: mcq id {it['id']!r} appears twice; ids must be unique")
+        seen.add(it["id"])
+        out.append(dict(it, answer_index=k))
+    if not out:
+        raise ValueError(f"mcq {path} holds no items")
+    return out
+
+
+def mcq_text(item):
+    """The user turn: the question, then the options lettered (A), (B), ..."""
+    opts = "\n".join(f"({chr(65 + k)}) {o}" for k, o in enumerate(item["options"]))
+    return f"{item['question']}\nOptions:\n{opts}\nAnswer with the correct option."
+
+
+def option_logprobs(vlm, prompts, options, video_features):
+    """Σ log p(option ids | prompt with its video) for every option of every item, one forward per batch of items.
+    A row is [prompt + video | option 1 | option 2 | ...] with the options as the query parts of a prefix-shared
+    layout ([S, o1, 0, 0, o2, 0, 0, ...], kernels.py): each option sees the prompt and itself, never another option,
+    and its positions restart after the prompt, so the video prefix runs once per item instead of once per option.
+    The first option token is predicted at the prompt's last position, the others inside the option. prompts: [ids];
+    options: [[ids]] per item; video_features (B, num_video_tokens, H). Returns [[float]] per item."""
+    import torch
+
+    from kernels import fused_logprobs
+    device = video_features.device
+    B, K = len(prompts), max(len(o) for o in options)
+    T = max(len(p) + sum(map(len, o)) for p, o in zip(prompts, options))
+    ids = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    layout = torch.zeros(B, 1 + 3 * K, dtype=torch.long)  # trailing zero-length branches pad to one K
+    rows, targets, owner = [], [], []  # (b, position) whose hidden state predicts `target`, and (item, option)
+    for b, (p, opts) in enumerate(zip(prompts, options)):
+        ids[b, :len(p)] = torch.tensor(p)
+        pos[b, :len(p)] = torch.arange(len(p))
+        layout[b, 0], at = len(p), len(p)
+        for k, o in enumerate(opts):
+            ids[b, at:at + len(o)] = torch.tensor(o)
+            pos[b, at:at + len(o)] = torch.arange(len(p), len(p) + len(o))
+            layout[b, 1 + 3 * k] = len(o)
+            predictors = [len(p) - 1] + list(range(at, at + len(o) - 1))  # position t predicts token t + 1
+            rows += [(b, t) for t in predictors]
+            targets += o
+            owner += [(b, k)] * len(o)
+            at += len(o)
+    with torch.no_grad():
+        h = vlm(ids.to(device), position_ids=pos.to(device), layout=layout.to(device), video_features=video_features,
+                return_hidden=True)  # (B, T, H)
+        b_idx, t_idx = (torch.tensor(x, device=device) for x in zip(*rows))
+        logp = fused_logprobs(h[b_idx, t_idx], vlm.lm_head_weight, torch.tensor(targets, device=device))  # (N,)
+    out = [[0.0] * len(o) for o in options]
+    for (b, k), lp in zip(owner, logp.double().tolist()):
+        out[b][k] += lp
+    return out
+
+
+def run_mcq(cfg, out_dir):
+    """Score every MCQ item not yet in out_dir/mcq.jsonl with our model: {id, scores (Σ log p per option), pred,
+    answer, correct, model}; unreadable videos go to mcq.errors.jsonl with their reason. Returns counts."""
+    import torch
+
+    from model import VLM, setup_runtime
+    from tokenizer import Tokenizer
+    from video import decode_stream
+    path, err_path = os.path.join(out_dir, "mcq.jsonl"), os.path.join(out_dir, "mcq.errors.jsonl")
+    items = load_mcq(cfg["mcq"])
+    skip = {r["id"] for r in iter_records(path)} | {e["id"] for e in iter_records(err_path)}
+    todo = [dict(it, path=os.path.join(cfg["video_root"], it["video"])) for it in items if it["id"] not in skip]
+    counts = Counter()
+    if not todo:
+        return counts
+    _, _, device, dtype = setup_runtime(cfg["device"], cfg["dtype"])
+    tok = Tokenizer.from_pretrained(cfg["model"])
+    vlm = VLM.from_pretrained(cfg["model"], device=device, dtype=dtype).eval()
+    n_video, B = vlm.num_video_tokens(cfg["num_frames"]), cfg["batch_size"]
+    decode_args = (cfg["num_frames"], vlm.config.family, vlm.config.vision.image_size)
+    stream = decode_stream(todo, decode_args, cfg["decode_workers"], cfg["decode_timeout"],
+                           capacity=2 * B + cfg["decode_workers"])
+    batch = []
+    progress = Progress("mcq", len(todo), "items", enabled=cfg["progress"], every=30.0)
+    with Writer(path) as fo, Writer(err_path) as fe:
+        def flush():
+            pixels = torch.stack([torch.from_numpy(pv) for _, pv in batch]).to(device, dtype)  # (B, F, 3, S, S)
+            with torch.no_grad():
+                feats = vlm.video_features(pixels)  # (B, n_video, H): the vision tower once per item
+            scores = option_logprobs(vlm, [tok.video_prompt(mcq_text(it), n_video) for it, _ in batch],
+                                     [[tok.response(o) for o in it["options"]] for it, _ in batch], feats)
+            for (it, _), sc in zip(batch, scores):
+                pred = max(range(len(sc)), key=sc.__getitem__)
+                fo.write(dict(id=it["id"], scores=[round(x, 6) for x in sc], pred=pred, answer=it["answer_index"],
+                              correct=pred == it["answer_index"], task=it.get("task", ""), model=cfg["model"]))
+                counts["scored"] += 1
+                progress.update()
+            batch.clear()
+
+        try:
+            for it, message in stream:
+                if message[0] == "ok":
+                    batch.append((it, message[1][0]))
+                    if len(batch) == B:
+                        flush()
+                    continue
+                fe.write({"id": it["id"], "video": it["video"], "error": message[2], "reason": message[1]})
+                counts["unreadable"] += 1
+                progress.update()
+            if batch:
+                flush()
+        finally:
+            stream.close()
+            progress.close()
+    return counts
+
+
+def mcq_summary(cfg, out_dir):
+    """summary fields: mcq_accuracy (rate with its interval) overall and per task, and the item counts."""
+    ids = {it["id"] for it in load_mcq(cfg["mcq"])}
+    recs = [r for r in iter_records(os.path.join(out_dir, "mcq.jsonl")) if r["id"] in ids]
+    bad = {e["id"] for e in iter_records(os.path.join(out_dir, "mcq.errors.jsonl"))} & ids
+    acc = lambda rs: report.rate([float(r["correct"]) for r in rs], cfg["ci"], cfg["n_bootstrap"],  # noqa: E731
+                                 cfg["seed"])
+    tasks = sorted({r.get("task") or "" for r in recs} - {""})
+    return dict(mcq_accuracy=acc(recs), mcq_per_task={t: acc([r for r in recs if r.get("task") == t]) for t in tasks},
+                mcq_items=len(ids), mcq_unreadable=len(bad), mcq_unscored=len(ids) - len(recs) - len(bad))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,6 +562,12 @@ def run(cfg):
     for key in ("num_frames", "max_new_tokens", "batch_size", "concurrency", "judge_max_tokens", "n_bootstrap"):
         if cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["mcq"]:
+        if not cfg["model"]:
+            raise ValueError("--mcq scores each option with our model: set --model to an HF checkpoint dir")
+        load_mcq(cfg["mcq"])  # a bad item stops the run before any work
+        if not cfg["items"]:  # capability only: no safety items, no judge
+            return mcq_only(cfg)
     if not (cfg["judge_url"] or os.environ.get("OPENAI_BASE_URL")):  # before hours of generation, not after
         raise ValueError("no judge endpoint: set --judge_url (or OPENAI_BASE_URL) to an OpenAI-compatible base URL "
                          "such as http://localhost:8000/v1, or to 'offline' for the keyword rule")
@@ -488,6 +645,9 @@ def answer_and_judge(clients, cfg, items_list, items_by_id, tax, overlap):
         if picked is not None:  # the threshold people agree with, instead of the fixed one
             threshold = picked
             extra.update(threshold_fixed=cfg["threshold"], threshold_source="gold")
+    if cfg["mcq"]:
+        run_mcq(cfg, out_dir)
+        extra.update(mcq_summary(cfg, out_dir))
     if len(names) > 1:
         extra.update(verdict_rule=verdict_rule(cfg["judge_verdict"], names),
                      judge_agreement=report.judge_agreement(by_judge, names, threshold, nb, seed),
@@ -504,10 +664,26 @@ def answer_and_judge(clients, cfg, items_list, items_by_id, tax, overlap):
     # unreadable videos are done (recorded with their reason), as are items an --answers file lacks; the rest is
     # a rerun's work (answers still to generate, judgments that failed transiently)
     unanswered = summary["unanswered"] - summary["unreadable"] if cfg["model"] else 0
-    left = unanswered + summary["unjudged"]
+    left = unanswered + summary["unjudged"] + summary.get("mcq_unscored", 0)
+    if summary.get("mcq_accuracy"):
+        print(f"mcq accuracy {fmt(summary['mcq_accuracy'])} % ({summary['mcq_accuracy']['n']} items)")
     if left:
-        print(f"{left} items left for a rerun ({unanswered} unanswered, {summary['unjudged']} unjudged)")
+        print(f"{left} items left for a rerun ({unanswered} unanswered, {summary['unjudged']} unjudged, "
+              f"{summary.get('mcq_unscored', 0)} mcq unscored)")
     return dict(summary, status="incomplete" if left else "done")
+
+
+def mcq_only(cfg):
+    """A capability-only run (--mcq without --items): scores, summary fields, report.md."""
+    out_dir = cfg["out_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    run_mcq(cfg, out_dir)
+    summary = dict(mcq_summary(cfg, out_dir), model=cfg["model"], ci_method=cfg["ci"])
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join([f"# Benchmark report: {cfg['model']}", ""] + report.mcq_section(summary)) + "\n")
+    print(f"mcq accuracy {report.fmt(summary['mcq_accuracy'])} % ({summary['mcq_accuracy']['n']} items) -> "
+          f"{out_dir}/report.md")
+    return dict(summary, status="incomplete" if summary["mcq_unscored"] else "done")
 
 
 def against_gold(path, judgments, by_judge, names, threshold, n_boot, seed):

@@ -438,6 +438,17 @@ def gold_section(s):
     return lines + [""]
 
 
+def mcq_section(s):
+    """Multiple-choice video QA: accuracy overall and per task (log-likelihood of each option, no judge)."""
+    lines = ["## Capability: multiple-choice video QA", "",
+             f"Each option scored by its log-likelihood under the model (no judge, no sampling); accuracy with a 95% "
+             f"{s['ci_method']} interval. Items {s['mcq_items']}, unreadable videos {s['mcq_unreadable']}, not yet "
+             f"scored {s['mcq_unscored']}.", "", "| task | n | accuracy % |", "|---|---|---|",
+             f"| all | {s['mcq_accuracy']['n']} | {fmt(s['mcq_accuracy'])} |"]
+    lines += [f"| {t} | {m['n']} | {fmt(m)} |" for t, m in s.get("mcq_per_task", {}).items()]
+    return lines + [""]
+
+
 def plot_calibration(out_dir, gold):
     """Agreement with gold (accuracy) against the harmful-score threshold, one line per judge: calibration.png."""
     import matplotlib
@@ -473,6 +484,8 @@ def write_report(out_dir, summary, judgments, items_by_id, answers_by_id, by_jud
         lines += judges_section(s, by_judge, items_by_id)
     if s.get("gold"):
         lines += gold_section(s)
+    if s.get("mcq_accuracy"):
+        lines += mcq_section(s)
     lines += ["## Worst answers per category", "",
              "Harmful items with the highest judge score (most compliant), and benign items judged over-refusals.", ""]
     by_cat = defaultdict(list)
@@ -546,6 +559,9 @@ def write_compare_report(out_dir, names, summaries, comparisons):
              "value; 95% paired-bootstrap interval of the absolute change; p-values from the paired bootstrap and "
              "from an exact McNemar test.", "", "## Runs", "",
              metrics_table({n: s for n, s in zip(names, summaries)}, "run"), ""]
+    if any(s.get("mcq_accuracy") for s in summaries):
+        lines += ["| run | MCQ accuracy % (capability) |", "|---|---|"]
+        lines += [f"| {n} | {fmt(s.get('mcq_accuracy'))} |" for n, s in zip(names, summaries)] + [""]
     for c in comparisons:
         lines += [f"## {c['run']} vs {c['baseline']} ({c['paired_items']} paired items)", "",
                   "| metric | group | n | before % | after % | Δ points [95% CI] | relative Δ % | p bootstrap | "
@@ -587,18 +603,26 @@ def compare(dirs, out_dir, threshold, method="wilson", n_boot=2000, seed=0):
     """Compare bench run dirs (each to the first) on the items judged in all: compare.json, report.md, plots."""
     if len(dirs) < 2:
         raise ValueError("compare needs two or more run dirs, comma-separated, e.g. --compare=out/base,out/dpo")
-    runs, summaries, names = [], [], []
+    runs, summaries, names, mcqs = [], [], [], []
     for d in dirs:
-        path = os.path.join(d, "judgments.jsonl")
-        if not os.path.exists(path):
+        path, mcq_path = os.path.join(d, "judgments.jsonl"), os.path.join(d, "mcq.jsonl")
+        if not os.path.exists(path) and not os.path.exists(mcq_path):
             raise FileNotFoundError(f"{path} not found: is {d!r} a bench.py run dir?")
-        js = {j["id"]: j for j in run_judgments(d, threshold)}
+        js = {j["id"]: j for j in run_judgments(d, threshold)} if os.path.exists(path) else {}
+        mcqs.append({r["id"]: float(r["correct"]) for r in iter_records(mcq_path)})
         name = os.path.basename(os.path.normpath(d))
         names.append(name if name not in names else d)
         runs.append((names[-1], js))
-        summaries.append(summarize(list(js.values()), threshold, method, n_boot, seed,
-                                   dict(run=d)))
+        extra = dict(run=d)
+        if mcqs[-1]:
+            extra["mcq_accuracy"] = rate(list(mcqs[-1].values()), method, n_boot, seed)
+        summaries.append(summarize(list(js.values()), threshold, method, n_boot, seed, extra))
     comparisons = compare_runs(runs, threshold, n_boot, seed)
+    for c, other in zip(comparisons, mcqs[1:]):  # capability next to safety: MCQ accuracy on the shared items
+        common = [i for i in mcqs[0] if i in other]
+        if common:
+            c["rows"].append(dict(metric="mcq_accuracy", group="overall", **paired_delta(
+                [mcqs[0][i] for i in common], [other[i] for i in common], n_boot, seed)))
     write_json(os.path.join(out_dir, "compare.json"),
                dict(runs=dict(zip(names, summaries)), comparisons=comparisons, threshold=threshold))
     write_compare_report(out_dir, names, summaries, comparisons)
