@@ -121,3 +121,67 @@ def test_mcq_items_are_checked(tmp_path):
             bench.load_mcq(write_jsonl(tmp_path / "b.jsonl", [bad]))
     with pytest.raises(ValueError, match="--model"):
         bench.run(cfg_for(tmp_path, mcq=write_jsonl(tmp_path / "a.jsonl", [good]), answers="x.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# importers, on fixtures in the releases' layouts
+
+
+def load_prepare(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_prepare", os.path.join(REPO, "data", name, "prepare.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mvbench_importer(tmp_path):
+    mvb = load_prepare("mvbench")
+    src = tmp_path / "MVBench"
+    (src / "json").mkdir(parents=True)
+    (src / "video" / "star" / "Charades_v1_480").mkdir(parents=True)
+    (src / "video" / "star" / "Charades_v1_480" / "6H78U.mp4").write_bytes(b"x")
+    (src / "video" / "clevrer" / "video_validation").mkdir(parents=True)
+    (src / "video" / "clevrer" / "video_validation" / "video_10000.mp4").write_bytes(b"x")
+    (src / "json" / "action_sequence.json").write_text(json.dumps([
+        {"video": "6H78U.mp4", "question": "What happened after the person took the food?",
+         "candidates": ["Ate the medicine.", "Tidied up the blanket.", "Put down the cup/glass/bottle.",
+                        "Took the box."], "answer": "Ate the medicine.", "start": 11.1, "end": 19.6},
+        {"video": "missing.mp4", "question": "q", "candidates": ["a", "b"], "answer": "a"}]))
+    (src / "json" / "moving_count.json").write_text(json.dumps([
+        {"video": "video_10000.mp4", "question": "How many metal objects enter the scene?",
+         "candidates": ["3", "2", "1", "0"], "answer": "1"}]))
+    out = tmp_path / "mvb.jsonl"
+    s = mvb.run(dict(src=str(src), out=str(out)))
+    assert s == dict(items=2, missing_video=1, tasks=2, status="done")
+    items = {it["id"]: it for it in bench.load_mcq(str(out))}  # valid MCQ items
+    a = items["mvbench-action_sequence-0"]
+    assert a["video"] == "video/star/Charades_v1_480/6H78U.mp4" and a["answer_index"] == 0
+    assert (a["task"], a["start"], a["end"], len(a["options"])) == ("action_sequence", 11.1, 19.6, 4)
+    assert items["mvbench-moving_count-0"]["answer_index"] == 2
+    (src / "json" / "bad.json").write_text(json.dumps([{"video": "6H78U.mp4", "question": "q"}]))
+    with pytest.raises(ValueError, match="lacks"):
+        mvb.convert(str(src))
+
+
+def test_videomme_importer(tmp_path):
+    vmme = load_prepare("videomme")
+    src = tmp_path / "Video-MME"
+    (src / "data").mkdir(parents=True)
+    (src / "data" / "fFjv93ACGo8.mp4").write_bytes(b"x")
+    rec = {"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
+           "url": "https://www.youtube.com/watch?v=fFjv93ACGo8", "videoID": "fFjv93ACGo8", "question_id": "001-1",
+           "task_type": "Counting Problem", "question": "When demonstrating the Germany modern Christmas tree is "
+           "initially decorated with apples, candles and berries, which kind of the decoration has the largest "
+           "number?", "options": ["A. Apples.", "B. Candles.", "C. Berries.", "D. The three kinds are of the same "
+                                  "number."], "answer": "C"}
+    (src / "videomme").mkdir()
+    (src / "videomme" / "test.json").write_text(json.dumps([rec, dict(rec, question_id="002-1", videoID="nope")]))
+    (src / "notes.json").write_text(json.dumps({"readme": True}))
+    out = tmp_path / "vmme.jsonl"
+    s = vmme.run(dict(src=str(src), out=str(out)))
+    assert s == dict(items=1, missing_video=1, skipped_files=1, status="done")
+    it = bench.load_mcq(str(out))[0]
+    assert (it["id"], it["video"], it["answer_index"], it["task"]) == ("videomme-001-1", "data/fFjv93ACGo8.mp4", 2,
+                                                                     "Counting Problem")
+    assert it["options"] == ["Apples.", "Candles.", "Berries.", "The three kinds are of the same number."]
