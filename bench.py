@@ -279,7 +279,7 @@ def run_mcq(cfg, out_dir):
         return counts
     _, _, device, dtype = setup_runtime(cfg["device"], cfg["dtype"])
     tok = Tokenizer.from_pretrained(cfg["model"])
-    vlm = VLM.from_pretrained(cfg["model"], device=device, dtype=dtype).eval()
+    vlm = VLM.from_pretrained(cfg["model"], device=device, dtype=dtype, attn_impl=cfg["attn_impl"]).eval()
     n_video, B = vlm.num_video_tokens(cfg["num_frames"]), cfg["batch_size"]
     decode_args = (cfg["num_frames"], vlm.config.family, vlm.config.vision.image_size)
     stream = decode_stream(todo, decode_args, cfg["decode_workers"], cfg["decode_timeout"],
