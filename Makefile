@@ -35,6 +35,10 @@ demo-steps:
 		--split=0.25
 	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \
 		--video_root=$(DEMO)/videos --model=$(DEMO)/model --out_dir=$(DEMO)/bench_base --progress=False
+	$(PY) data/demo/gold.py --items=$(DEMO)/pairs.heldout.jsonl --answers=$(DEMO)/bench_base/answers.jsonl \
+		--out=$(DEMO)/gold.jsonl
+	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \
+		--answers=$(DEMO)/bench_base/answers.jsonl --gold=$(DEMO)/gold.jsonl --out_dir=$(DEMO)/bench_gold --progress=False
 	$(PY) dpo.py config/tiny.py --init_from=$(DEMO)/model --pairs=$(DEMO)/pairs.train.jsonl --video_root=$(DEMO)/videos \
 		--out_dir=$(DEMO)/dpo --num_frames=8 $(DPO_ARGS)
 	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \

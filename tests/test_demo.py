@@ -16,7 +16,8 @@ def test_make_demo_steps(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for path in ("descriptions.jsonl", "pairs.train.jsonl", "pairs.heldout.jsonl", "dpo/final/model.safetensors",
-                 "bench_base/report.md", "bench_dpo/summary.json", "bench_cmp/compare.json"):
+                 "bench_base/report.md", "bench_dpo/summary.json", "bench_cmp/compare.json", "gold.jsonl",
+                 "bench_gold/calibration.png"):
         assert os.path.isfile(os.path.join(out, path)), f"the demo did not write {path}"
     steps = [json.loads(line) for line in open(os.path.join(out, "dpo", "metrics.jsonl")) if '"loss"' in line]
     assert [m["step"] for m in steps] == [1, 2]
