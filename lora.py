@@ -23,6 +23,7 @@ bare parameter that PEFT cannot save on its own, so it stays frozen under LoRA.
 """
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -62,13 +63,18 @@ def _lora_forward(linear, args, out):
     return out + (linear.lora_B(linear.lora_A(x.to(linear.lora_A.weight.dtype))) * settings["scale"]).to(out.dtype)
 
 
-def add_lora(vlm, rank, alpha, dropout=0.0, targets=TARGETS, modules_to_save=(), frozen_dtype=None, rslora=False):
+def add_lora(vlm, rank, alpha, dropout=0.0, targets=TARGETS, modules_to_save=(), frozen_dtype=None, rslora=False,
+             seed=0):
     """Adapt the nn.Linear layers named by `targets` (a regex matched in full, or a list of names): every existing
-    parameter is frozen, then A (kaiming-uniform, as nn.Linear and PEFT init it) and B (zeros) are added in fp32 and
-    trainable, as are the parameters of `modules_to_save` (module names, e.g. "multi_modal_projector").
+    parameter is frozen, then A (kaiming-uniform as nn.Linear and PEFT init it, drawn from `seed`: the same on every
+    rank, which FSDP2 needs since it shards each rank's own copy) and B (zeros) are added in fp32 and trainable, as
+    are the parameters of `modules_to_save` (module names, e.g. "multi_modal_projector").
     frozen_dtype (e.g. torch.bfloat16) stores the frozen nn.Linear weights in that dtype: half the memory, and
     bit-identical under autocast to that dtype (autocast casts them to it anyway). Records the settings as vlm.lora."""
     assert rank > 0 and not hasattr(vlm, "lora"), "rank must be > 0, and a model takes one adapter"
+    if vlm.config.family not in HF_CLASSES:
+        raise ValueError(f"LoRA supports {', '.join(HF_CLASSES)} (PEFT names checked against transformers); "
+                         f"not yet {vlm.config.family}")
     linears = {n: m for n, m in vlm.named_modules() if isinstance(m, nn.Linear)}
     if isinstance(targets, str):
         names = [n for n in linears if re.fullmatch(targets, n)]
@@ -81,11 +87,15 @@ def add_lora(vlm, rank, alpha, dropout=0.0, targets=TARGETS, modules_to_save=(),
                          f"{next(iter(linears))!r}); fix the pattern")
     vlm.requires_grad_(False)
     settings = dict(enabled=True, dropout=dropout, scale=alpha / (rank ** 0.5 if rslora else rank))
+    g = torch.Generator().manual_seed(seed)
     for name in names:
         linear = linears[name]
         device = linear.weight.device
         linear.lora_A = nn.Linear(linear.in_features, rank, bias=False, device=device, dtype=torch.float32)
         linear.lora_B = nn.Linear(rank, linear.out_features, bias=False, device=device, dtype=torch.float32)
+        with torch.no_grad():  # drawn on the CPU generator, then moved: the same A on any device
+            linear.lora_A.weight.copy_(nn.init.kaiming_uniform_(torch.empty(rank, linear.in_features), a=math.sqrt(5),
+                                                                generator=g))
         nn.init.zeros_(linear.lora_B.weight)
         linear.lora_settings = settings  # one dict shared by every layer: adapters_disabled flips it once
         linear.lora_hook = linear.register_forward_hook(_lora_forward)
@@ -197,13 +207,13 @@ def load_adapter(vlm, path, **overrides):
     tensors = {}
     with open(weights_path, "rb") as f:
         for key, info in header.items():
-            name = canonical_name(key.removeprefix(PEFT_PREFIX))
+            name = canonical_name(key.removeprefix(PEFT_PREFIX), vlm.config.family)
             tensors[name] = read_tensor(f, info, start)
     targets = sorted({re.sub(r"\.lora_[AB]\.weight$", "", n) for n in tensors if ".lora_" in n})
     odd = [n for n in tensors if ".lora_" in n and not re.search(r"\.lora_[AB]\.weight$", n)]
     if odd:
         raise ValueError(f"{weights_path} holds tensors this loader does not know: {odd[:4]}")
-    modules_to_save = [canonical_name(m) for m in config.get("modules_to_save") or []]
+    modules_to_save = [canonical_name(m, vlm.config.family) for m in config.get("modules_to_save") or []]
     settings = dict(rank=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                     rslora=config.get("use_rslora", False))
     settings.update(overrides)

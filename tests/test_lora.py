@@ -12,10 +12,14 @@ reference; it learns; kill -9 and resume equal an uninterrupted run; torchrun DD
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import dpo
 import lora
 from model import VLM, canonical_name
 from tests.tiny import make_tiny_checkpoint
@@ -79,7 +83,7 @@ def hf_logits(path, ids, pixels, adapter=None, merge=False):
 def test_names_round_trip(ckpt):
     vlm = VLM.from_pretrained(ckpt)
     for key in vlm.state_dict():
-        assert canonical_name(lora.hf_name(key)) == key, key
+        assert canonical_name(lora.hf_name(key), vlm.config.family) == key, key
     names = lora.add_lora(vlm, rank=4, alpha=8)
     assert len(names) == 7 * vlm.config.text.num_layers
     assert lora.hf_name(names[0]).startswith("model.language_model.layers.0.")
@@ -178,9 +182,7 @@ def test_merged_checkpoint_equals_adapter(ckpt, tmp_path):
 
 def test_frozen_bf16_is_exact_under_autocast(ckpt):
     ref, low = VLM.from_pretrained(ckpt), VLM.from_pretrained(ckpt)
-    torch.manual_seed(0)  # A is drawn from the global RNG: the same A for both
     lora.add_lora(ref, rank=4, alpha=8)
-    torch.manual_seed(0)
     lora.add_lora(low, rank=4, alpha=8, frozen_dtype=torch.bfloat16)
     for m in (ref, low):
         randomize(m)
@@ -189,3 +191,133 @@ def test_frozen_bf16_is_exact_under_autocast(ckpt):
     ids, pixels = inputs(ref)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(low(ids, pixels), ref(ids, pixels))
+
+# -----------------------------------------------------------------------------
+# LoRA DPO (dpo.py with lora_rank > 0) on test_dpo's tiny checkpoint, videos and pairs
+
+from test_dpo import REPO, cli, config, data, kill_tree, metrics, run_script, wait_for  # noqa: E402,F401
+
+LORA = dict(lora_rank=8, lora_alpha=16.0, learning_rate=1e-3, min_lr_ratio=1.0)
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "ref", "merge", "min_lr_ratio")
+
+
+def lora_cli(cfg):
+    return cli(cfg) + [f"--{k}={cfg[k]}" for k in LORA_KEYS]
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def test_lora_dpo_learns_and_exports(data, tmp_path):
+    cfg = config(data, tmp_path / "run", max_iters=12, batch_size=3, ref="live", save_interval=6, **LORA)
+    summary = dpo.train(cfg)
+    assert summary["status"] == "done"
+    m = metrics(cfg["out_dir"])
+    print("LoRA DPO:", [(r["loss"], r["rewards_accuracy"], r["rewards_margin"]) for r in m])
+    assert m[0]["rewards_margin"] == 0.0 and m[0]["rewards_chosen"] == 0.0, "B = 0: policy == reference, exactly"
+    assert abs(m[0]["loss"] - math.log(2)) < 1e-6  # -log sigmoid(0)
+    assert sum(r["rewards_accuracy"] for r in m[-3:]) / 3 >= 0.9, [r["rewards_accuracy"] for r in m]
+    assert m[-1]["rewards_margin"] > 1.0 and m[-1]["loss"] < 0.5 * m[0]["loss"], [r["loss"] for r in m]
+    # a checkpoint holds the adapter (PEFT format) + optimizer + RNG, no model weights
+    out = cfg["out_dir"]
+    assert sorted(os.listdir(os.path.join(out, "ckpt-6"))) == ["adapter_config.json", "adapter_model.safetensors",
+                                                               "optim", "rng-rank0.pt", "train_state.json"]
+    print(f"ckpt-6: {dir_bytes(os.path.join(out, 'ckpt-6'))} bytes; base checkpoint: {dir_bytes(data['ckpt'])} bytes")
+    # final_adapter/ in PEFT on transformers == ours with the adapter; final/ (merged) in transformers == the same
+    vlm = lora.load_adapter(VLM.from_pretrained(data["ckpt"]), os.path.join(out, "final_adapter")).eval()
+    ids, pixels = inputs(vlm)
+    with torch.no_grad():
+        ours = vlm(ids, pixels)
+    assert_close(hf_logits(data["ckpt"], ids, pixels, os.path.join(out, "final_adapter")), ours,
+                 "PEFT + transformers on final_adapter/ vs ours")
+    assert_close(hf_logits(os.path.join(out, "final"), ids, pixels), ours, "transformers on final/ vs ours",
+                 MERGED_ATOL)
+    assert os.path.isfile(os.path.join(out, "final", "tokenizer.json"))
+    # bench.py --adapter on the base model answers as bench.py on the merged final/ does
+    import bench
+    items = [dict(id=f"q{k}", video=f"v{k}.mp4", query="What happens?") for k in range(3)]
+    answers = []
+    for model, adapter in ((data["ckpt"], os.path.join(out, "final_adapter")), (os.path.join(out, "final"), "")):
+        run = dict(bench.DEFAULTS, model=model, adapter=adapter, video_root=data["videos"], num_frames=2,
+                   max_new_tokens=8, batch_size=3, decode_workers=0, device="cpu", progress=False)
+        path = str(tmp_path / f"answers{len(answers)}.jsonl")
+        bench.generate_answers(items, run, path, path + ".errors")
+        answers.append([json.loads(line)["answer"] for line in open(path)])
+    assert answers[0] == answers[1] and any(answers[0]), answers
+    # the precomputed reference gives the same first steps as the live one (adapters off)
+    pre = config(data, tmp_path / "pre", max_iters=3, batch_size=3, ref="precompute", **LORA)
+    dpo.train(pre)
+    for a, b in zip(m[:3], metrics(pre["out_dir"]), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["rewards_margin"] - b["rewards_margin"]) < 1e-5, (a, b)
+
+
+def adapter_tensors(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def test_lora_kill_and_resume_equals_uninterrupted(data, tmp_path):
+    # kill -9 once ckpt-2 is complete (a state, not a time), resume: losses and the final adapter equal a straight run
+    base = config(data, tmp_path / "straight", max_iters=6, batch_size=2, gradient_accumulation_steps=2,
+                  save_interval=2, keep_checkpoints=20, lora_dropout=0.1, merge=False, ref="live", **LORA)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script runs below (OMP_NUM_THREADS=1): CPU kernels' rounding depends on threads
+    try:
+        dpo.train(base)
+    finally:
+        torch.set_num_threads(threads)
+    assert not os.path.isdir(os.path.join(base["out_dir"], "final")), "merge=False writes final_adapter/ only"
+    cfg = dict(base, out_dir=str(tmp_path / "killed"))
+    proc = run_script(lora_cli(cfg))
+    landed = wait_for(os.path.join(cfg["out_dir"], "ckpt-2", "train_state.json"), proc)
+    proc.send_signal(signal.SIGKILL)
+    log = proc.communicate(timeout=120)[0]
+    assert landed and not os.path.isdir(os.path.join(cfg["out_dir"], "final_adapter")), "the kill missed\n" + log
+    proc = run_script(lora_cli(cfg))
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "resuming from" in log, log
+    a, b = metrics(base["out_dir"]), metrics(cfg["out_dir"])
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["rewards_margin"] - y["rewards_margin"]) < 1e-6, (x, y)
+    assert a[-1]["rewards_margin"] > a[0]["rewards_margin"]
+    sa, sb = (adapter_tensors(os.path.join(d, "final_adapter")) for d in (base["out_dir"], cfg["out_dir"]))
+    assert sa.keys() == sb.keys() and all(torch.allclose(sa[k], sb[k], rtol=0, atol=1e-6) for k in sa)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_lora_torchrun_two_gloo_processes_match_one(data, tmp_path, mode):
+    # 2 ranks x 1 pair = one process with 2 pairs; the adapters end equal (DDP: identical replicas, checked by dpo)
+    one = config(data, tmp_path / "one", max_iters=3, batch_size=2, ref="live", **LORA)
+    dpo.train(one)
+    two = dict(one, out_dir=str(tmp_path / mode), batch_size=1)
+    if mode == "fsdp":
+        two.update(fsdp=True, activation_checkpointing=True, save_interval=2)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(REPO, "dpo.py"), *lora_cli(two)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if mode == "ddp":
+        assert "weights identical on 2 ranks" in proc.stdout
+    else:
+        assert os.path.isfile(os.path.join(two["out_dir"], "ckpt-2", "adapter_model.safetensors"))
+    close = lambda a, b: abs(a - b) <= 1e-5 * max(1.0, abs(a))  # noqa: E731  (as test_dpo: other batch shapes)
+    for x, y in zip(metrics(one["out_dir"]), metrics(two["out_dir"]), strict=True):
+        assert close(x["loss"], y["loss"]) and close(x["rewards_margin"], y["rewards_margin"]), (x, y)
+    sa, sb = (adapter_tensors(os.path.join(d, "final_adapter")) for d in (one["out_dir"], two["out_dir"]))
+    worst = max(((sa[k] - sb[k]).norm() / sa[k].norm().clamp(min=1e-12)).item() for k in sa)
+    assert sa.keys() == sb.keys() and worst < 1e-3, worst
+
+
+def test_trainable_state_at_rank_16_is_under_2_percent_of_full_fine_tuning(ckpt):
+    from bench_lora import SHAPES, count
+    lm, total, trained = count(SHAPES["tiny (tests)"], 16)  # the meta-device count equals a real model's
+    real = VLM.from_pretrained(ckpt)
+    assert total == sum(p.numel() for p in real.parameters()) - real.language_model.lm_head.weight.numel()  # untied
+    lora.add_lora(real, rank=16, alpha=32)
+    assert trained == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    for name in ("llava-onevision-7b", "llava-next-video-7b"):
+        lm, total, trained = count(SHAPES[name], 16)
+        assert 7e9 < total < 8.1e9 and trained / lm <= 0.02, (name, total, trained / lm)
