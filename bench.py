@@ -44,6 +44,7 @@ from records import Writer, iter_records, stable_hash
 items = ""  # bench items JSONL {id, video, query, category, query_type}
 video_root = ""  # item `video` paths are relative to this
 model = ""  # HF checkpoint dir: generate answers with our VLM
+adapter = ""  # a LoRA adapter dir (PEFT format, e.g. dpo.py's final_adapter/) merged into --model before generating
 answers = ""  # or: a JSONL {id, answer, model} made elsewhere (e.g. vLLM serving any video LLM)
 out_dir = "out/bench"
 judge_url = ""  # "" -> $OPENAI_BASE_URL; "offline" -> keyword refusal rule (CI, demo; not a real judge); a,b,...
@@ -136,6 +137,10 @@ def generate_answers(todo, cfg, out_path, err_path):
     model_dir, B = cfg["model"], cfg["batch_size"]
     tok = Tokenizer.from_pretrained(model_dir)
     vlm = VLM.from_pretrained(model_dir, device=device, dtype=dtype, attn_impl=cfg["attn_impl"])
+    if cfg["adapter"]:  # folded into the weights once: generation costs what the base model's does
+        from lora import load_adapter, merge_lora
+        merge_lora(load_adapter(vlm, cfg["adapter"]))
+        model_dir = f"{model_dir}+{cfg['adapter']}"  # the answers' `model`
     n_video = vlm.num_video_tokens(cfg["num_frames"])
     items = [dict(it, path=os.path.join(cfg["video_root"], it["video"])) for it in todo]
     decode_args = (cfg["num_frames"], vlm.config.family, vlm.config.vision.image_size)

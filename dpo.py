@@ -5,6 +5,7 @@ Video DPO (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs, exact an
     python dpo.py config/tiny.py                          # CPU, the demo's tiny model
     torchrun --nproc_per_node=8 dpo.py config/llava.py    # LLaVA-OneVision-7B on a node (FSDP2)
     python tests/bench_dpo.py config/tiny.py              # benchmarks: prefix sharing, fused log-probs, reference
+    python dpo.py config/llava.py --lora_rank=16 --ref=live  # LoRA (lora.py) on one GPU: the reference is free
 
 Reads as: loss -> scorer -> reference log-probs -> distributed setup -> checkpoints -> the loop. Pairs become tensors
 in packing.py: a video's pairs share one row [system + video | q1 c1 r1 | q2 c2 r2 | ...] (group_by_video; each
@@ -15,6 +16,9 @@ come from hidden states gathered at response positions only, through kernels.fus
 precomputed to out_dir by default (ref="precompute"), so training holds one model.
 out_dir gets: config.json, validation.json, ref_logps.*.jsonl, metrics.jsonl, ckpt-<step>/ (HF checkpoint + optim/
 + train_state.json), final/ (HF checkpoint with tokenizer files).
+With lora_rank > 0 only the adapters (and the projector, with train_projector) train: the reference is the same module
+with its adapters off (ref="live", no second model) or precomputed; ckpt-<step>/ holds the adapter in PEFT format
+instead of the HF files; out_dir gets final_adapter/ (PEFT) and, with merge=True, final/ with the adapters merged in.
 """
 import contextlib
 import functools
@@ -74,6 +78,14 @@ ref = "precompute"  # "precompute": reference log-probs written to out_dir first
 # what trains (the LM always does)
 train_projector = False
 train_vision = False
+# LoRA (lora.py): lora_rank > 0 freezes every weight and trains low-rank adapters (plus the projector, with
+# train_projector); trainable state at rank 16 on a 7B is ~0.5% of full fine-tuning's (BENCHMARKS.md)
+lora_rank = 0  # 0 = full fine-tuning
+lora_alpha = 32.0  # the adapter's output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0
+lora_targets = ""  # regex matched in full against module names ("" = lora.TARGETS: q/k/v/o + MLP of every LM layer)
+lora_frozen_dtype = "float32"  # "bfloat16": frozen linear weights stored in bf16 (half the memory; dtype="bfloat16")
+merge = True  # LoRA: also write final/, the adapters merged into the weights, in the source checkpoint's dtype
 # system
 device = "auto"  # "auto" = cuda:LOCAL_RANK when available, else cpu
 dtype = "bfloat16"  # autocast dtype on GPU ("float32" = none); parameters and optimizer state stay fp32
@@ -245,15 +257,18 @@ def barrier(world):
         dist.barrier()
 
 
-def build_scorer(path, cfg, device, trainable):
-    """VLM from `path` (fp32) wrapped in a PairScorer; frozen parts per cfg; FSDP2 when cfg['fsdp'] (sharded while
-    still on `meta`, then filled shard by shard: no rank ever holds the whole model)."""
+def build_scorer(path, cfg, device, trainable, adapter=None):
+    """VLM from `path` (fp32) wrapped in a PairScorer; frozen parts per cfg; FSDP2 when cfg['fsdp'] (without LoRA:
+    sharded while still on `meta`, then filled shard by shard, so no rank ever holds the whole model). With LoRA
+    (trainable and lora_rank > 0) the adapters are added, fresh or read from the `adapter` dir (a checkpoint)."""
     from model import VLM, load_sharded
-    if cfg["fsdp"]:  # built on meta, sharded below, then each rank reads only its shard into memory
+    sharded = cfg["fsdp"] and not (trainable and cfg["lora_rank"])  # adapters are made from loaded weights
+    if sharded:
         vlm, sources, headers = VLM.on_meta(path)
         vlm.set_attn_impl(cfg["attn_impl"])
     else:
-        vlm = VLM.from_pretrained(path, device=device, dtype=torch.float32, attn_impl=cfg["attn_impl"])
+        vlm = VLM.from_pretrained(path, device="cpu" if cfg["fsdp"] else device, dtype=torch.float32,
+                                  attn_impl=cfg["attn_impl"])
     for p in vlm.parameters():
         p.requires_grad_(trainable)
     if trainable:
@@ -261,6 +276,8 @@ def build_scorer(path, cfg, device, trainable):
         vlm.multi_modal_projector.requires_grad_(cfg["train_projector"])
         if hasattr(vlm, "image_newline"):  # llava_onevision's per-video newline embedding
             vlm.image_newline.requires_grad_(cfg["train_projector"])
+    if trainable and cfg["lora_rank"]:
+        add_adapters(vlm, cfg, adapter)
     layers = vlm.language_model.model.layers
     for layer in layers:
         if cfg["activation_checkpointing"] and trainable:  # keep each layer's input only; recompute in backward
@@ -275,29 +292,66 @@ def build_scorer(path, cfg, device, trainable):
         for layer in layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(scorer, mp_policy=mp)  # the root: embeddings, vision tower, projector, final norm, head
-        load_sharded(vlm, sources, headers, device)  # peak host memory per rank: its shard + the largest tensor
+        if sharded:
+            load_sharded(vlm, sources, headers, device)  # peak host memory per rank: its shard + the largest tensor
     scorer.train(trainable)
     return scorer
 
 
-def export_hf(scorer, path, cfg, rank, dtype=None):
+def export_hf(scorer, path, cfg, rank, dtype=None, adapter=False):
     """Write an HF checkpoint dir (model.save_pretrained, with the tokenizer files of its source) from rank 0, its
     floating-point tensors cast to `dtype` (None: as trained, fp32); under FSDP the full state dict is gathered to
-    rank 0 first (every rank must call this)."""
+    rank 0 first (every rank must call this). With LoRA: adapter=True writes the PEFT adapter instead; otherwise the
+    adapters are merged into the weights first."""
     vlm = scorer.module.vlm if hasattr(scorer, "module") else scorer.vlm
-    if not cfg["fsdp"]:
+    if adapter:
+        import lora
+        state = lora.adapter_state(vlm)  # under FSDP2: gathered on every rank, only the adapter's few tensors
+        if rank == 0:
+            lora.save_adapter(vlm, path, state)
+        return
+    if not cfg["fsdp"] and not cfg["lora_rank"]:
         if rank == 0:
             vlm.save_pretrained(path, dtype=dtype)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from model import VLM
-    state = get_model_state_dict(scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if cfg["fsdp"]:
+        state = get_model_state_dict(scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = {k.removeprefix("vlm."): v for k, v in state.items()}
+    else:
+        state = vlm.state_dict()
     if rank == 0:  # a meta-device shell with the gathered tensors assigned: no second copy
+        if cfg["lora_rank"]:
+            import lora
+            state = lora.merged_state(state, vlm.lora)
         with torch.device("meta"):
             shell = VLM(vlm.config)
-        shell.load_state_dict({k.removeprefix("vlm."): v for k, v in state.items()}, assign=True)
+        shell.load_state_dict(state, assign=True)
         shell.source_dir = vlm.source_dir
         shell.save_pretrained(path, dtype=dtype)
+
+
+def add_adapters(vlm, cfg, adapter_dir=None):
+    """LoRA per cfg on a loaded VLM: fresh adapters (B = 0), or those of a checkpoint's adapter dir."""
+    import lora
+    kw = dict(dropout=cfg["lora_dropout"], frozen_dtype=torch.bfloat16 if cfg["lora_frozen_dtype"] == "bfloat16"
+              else None)
+    if adapter_dir:
+        return lora.load_adapter(vlm, adapter_dir, **kw)
+    lora.add_lora(vlm, cfg["lora_rank"], cfg["lora_alpha"], targets=cfg["lora_targets"] or lora.TARGETS,
+                  modules_to_save=["multi_modal_projector"] if cfg["train_projector"] else [], seed=cfg["seed"], **kw)
+    return vlm
+
+
+def without_adapters(scorer):
+    """LoRA's live reference: the same (unwrapped) scorer with its adapters switched off. No second model."""
+    import lora
+
+    def ref_scorer(*args):
+        with lora.adapters_disabled(scorer.vlm):
+            return scorer(*args)
+    return ref_scorer
 
 # -----------------------------------------------------------------------------
 # checkpoints: ckpt-<step>/ = HF files + optim/ (torch.distributed.checkpoint) + rng-rank<r>.pt + train_state.json
@@ -326,7 +380,7 @@ def save_checkpoint(scorer, optimizer, state, cfg, rank, world):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier(world)
-    export_hf(scorer, tmp, cfg, rank)
+    export_hf(scorer, tmp, cfg, rank, adapter=cfg["lora_rank"] > 0)  # LoRA: only the adapter, in PEFT format
     barrier(world)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns that it runs in one process when there is no process group
@@ -446,9 +500,23 @@ def check_config(cfg):
         ("max_pairs_per_row", cfg["max_pairs_per_row"] >= 1, ">= 1"),
         ("log_interval", cfg["log_interval"] >= 1, ">= 1"),
         ("attn_impl", cfg["attn_impl"] in ("auto", "triton", "sdpa"), "'auto', 'triton' or 'sdpa'"),
-        ("export_dtype", cfg["export_dtype"] in ("", *DTYPES), "'' or one of " + ", ".join(DTYPES))] if not ok]
+        ("export_dtype", cfg["export_dtype"] in ("", *DTYPES), "'' or one of " + ", ".join(DTYPES)),
+        *lora_problems(cfg)] if not ok]
     if problems:
         raise ValueError("bad config: " + "; ".join(problems))
+
+
+def lora_problems(cfg):
+    """check_config's rows for the LoRA keys."""
+    lora = cfg["lora_rank"] > 0
+    return [("lora_rank", cfg["lora_rank"] >= 0, ">= 0"),
+            ("train_vision", not (lora and cfg["train_vision"]), "False with LoRA (adapt vision layers through "
+                                                                  "lora_targets)"),
+            ("ref", not (lora and cfg["train_projector"] and cfg["ref"] == "live"), "'precompute' with LoRA and "
+             "train_projector (switching adapters off does not restore a trained projector)"),
+            ("lora_frozen_dtype", cfg["lora_frozen_dtype"] == "float32" or (
+                cfg["lora_frozen_dtype"] == "bfloat16" and cfg["dtype"] == "bfloat16"),
+             "'float32', or 'bfloat16' with dtype='bfloat16'")]
 
 
 def load_pairs(cfg, tok, vlm, world, master):
@@ -541,15 +609,20 @@ def run(cfg, stop):
     from tokenizer import Tokenizer
     rank, world, device, _ = setup_runtime(cfg["device"], cfg["dtype"])
     master, out_dir = rank == 0, cfg["out_dir"]
-    final_dir = os.path.join(out_dir, "final")
-    if os.path.isfile(os.path.join(final_dir, "config.json")):
+    final_dir, adapter_dir = os.path.join(out_dir, "final"), os.path.join(out_dir, "final_adapter")
+    lora_only = cfg["lora_rank"] and not cfg["merge"]  # the run's last output: final/config.json, else the adapter
+    if os.path.isfile(os.path.join(adapter_dir, "adapter_config.json") if lora_only else
+                      os.path.join(final_dir, "config.json")):
         print(f"{final_dir} exists: this run is finished (delete it, or use another out_dir, to train again)")
         return dict(status="done", note="already finished")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg["seed"] + rank)
     ckpt = latest_checkpoint(out_dir)
     tok = Tokenizer.from_pretrained(cfg["init_from"])
-    scorer = build_scorer(ckpt or cfg["init_from"], cfg, device, trainable=True)
+    if cfg["lora_rank"]:  # the base from init_from, the adapter from the checkpoint
+        scorer = build_scorer(cfg["init_from"], cfg, device, trainable=True, adapter=ckpt)
+    else:
+        scorer = build_scorer(ckpt or cfg["init_from"], cfg, device, trainable=True)
     vlm = scorer.vlm
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and not cfg["fsdp"] \
         else contextlib.nullcontext()  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
@@ -562,7 +635,9 @@ def run(cfg, stop):
 
     # ---- reference log-probs: a live frozen copy, or computed once before the first step
     ref_scorer, ref_logps = None, None
-    if cfg["ref"] == "live":
+    if cfg["ref"] == "live" and cfg["lora_rank"]:
+        ref_scorer = without_adapters(scorer)
+    elif cfg["ref"] == "live":
         ref_scorer = build_scorer(cfg["init_from"], cfg, device, trainable=False)
     elif ckpt is None:
         ref_logps = precompute_ref(scorer, load, items, cfg, device, autocast, rank, world)
@@ -660,10 +735,13 @@ def run(cfg, stop):
         if world > 1 and not cfg["fsdp"]:
             check_replicas(params, world, master)
         final_eval = run_eval(total) if eval_items else {}
-        export_hf(scorer, final_dir, cfg, rank, dtype=final_dtype(cfg))
+        if cfg["lora_rank"]:
+            export_hf(scorer, adapter_dir, cfg, rank, adapter=True)
+        if not lora_only:
+            export_hf(scorer, final_dir, cfg, rank, dtype=final_dtype(cfg))
         barrier(world)
         if master:
-            print(f"done: {final_dir}")
+            print(f"done: {adapter_dir if lora_only else final_dir}")
         return dict(status="done", step=total, metrics=last, eval=final_eval)
     finally:
         loader.close()
