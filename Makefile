@@ -1,5 +1,5 @@
 # make test: create .venv if missing, install runtime + test deps (idempotent), run the hermetic CPU test suite.
-# make demo: the loop on CPU with no downloads (a tiny random checkpoint, synthetic videos).
+# make demo: the loop on CPU with no downloads (a tiny VLM pretrained here on synthetic clips, then made safe by DPO).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,28 +19,34 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
 
-# The whole loop on the demo's mini set, each step a plain script run (a rerun resumes every step).
-# tests/test_demo.py runs the same recipe with DEMO_VIDEOS=2 and a few DPO steps.
+# The whole loop on the demo's mini set, each step a plain script run (a rerun resumes every step): clips and true
+# captions, the base model's instructions (the offline generator over the true captions), pretraining from scratch,
+# then describe -> pairs -> split by video -> bench base -> DPO -> bench aligned -> compare -> the closing table.
+# tests/test_demo.py runs the same recipe on a smaller configuration (DEMO_VARIANTS, PRETRAIN_ARGS, DPO_ARGS).
 DEMO ?= out/demo
-DEMO_VIDEOS ?= 12
+DEMO_VARIANTS ?= 3
+PRETRAIN_ARGS ?=
 DPO_ARGS ?=
 demo: $(VENV)/.runtime
 	$(MAKE) --no-print-directory demo-steps
 
 demo-steps:
-	$(PY) data/demo/prepare.py --out=$(DEMO) --num_videos=$(DEMO_VIDEOS)
+	$(PY) data/demo/prepare.py --out=$(DEMO) --variants=$(DEMO_VARIANTS)
+	$(PY) generate_pairs.py config/pairs_demo.py --descriptions=$(DEMO)/pretrain/captions.jsonl \
+		--out=$(DEMO)/pretrain/instructions.jsonl
+	$(PY) data/demo/pretrain.py --out=$(DEMO) $(PRETRAIN_ARGS)
 	$(PY) describe.py config/describe_demo.py --model=$(DEMO)/model --videos=$(DEMO)/videos \
-		--out=$(DEMO)/descriptions.jsonl --temperature=1.0 --progress=False
-	$(PY) generate_pairs.py config/pairs_offline.py --descriptions=$(DEMO)/descriptions.jsonl --out=$(DEMO)/pairs.jsonl \
-		--split=0.25
+		--out=$(DEMO)/descriptions.jsonl --progress=False
+	$(PY) generate_pairs.py config/pairs_demo.py --descriptions=$(DEMO)/descriptions.jsonl --out=$(DEMO)/pairs.jsonl \
+		--split=0.3
 	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \
 		--video_root=$(DEMO)/videos --model=$(DEMO)/model --out_dir=$(DEMO)/bench_base --progress=False
 	$(PY) data/demo/gold.py --items=$(DEMO)/pairs.heldout.jsonl --answers=$(DEMO)/bench_base/answers.jsonl \
 		--out=$(DEMO)/gold.jsonl
 	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \
 		--answers=$(DEMO)/bench_base/answers.jsonl --gold=$(DEMO)/gold.jsonl --out_dir=$(DEMO)/bench_gold --progress=False
-	$(PY) dpo.py config/tiny.py --init_from=$(DEMO)/model --pairs=$(DEMO)/pairs.train.jsonl --video_root=$(DEMO)/videos \
-		--out_dir=$(DEMO)/dpo --num_frames=8 $(DPO_ARGS)
+	$(PY) dpo.py config/dpo_demo.py --init_from=$(DEMO)/model --pairs=$(DEMO)/pairs.train.jsonl \
+		--video_root=$(DEMO)/videos --out_dir=$(DEMO)/dpo $(DPO_ARGS)
 	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \
 		--video_root=$(DEMO)/videos --model=$(DEMO)/dpo/final --out_dir=$(DEMO)/bench_dpo --progress=False
 	$(PY) bench.py config/bench_demo.py --compare=$(DEMO)/bench_base,$(DEMO)/bench_dpo --out_dir=$(DEMO)/bench_cmp

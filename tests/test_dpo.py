@@ -522,3 +522,37 @@ def test_video_groups_and_row_runs():
     b = packing.pack_pairs(ordered, max_pairs=8)
     assert b["layout"].tolist() == [[3, 1, 2, 3, 2, 2, 3, 1, 2, 3]]
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 6, 3, 4, 5, 6, 5, 6, 7, 3, 4, 5, 4, 5, 6]
+
+
+def test_fsdp2_sharded_loading_memory_and_logits(tmp_path):
+    """A ~140 MB fp32 checkpoint (24 decoder layers, no tensor over 2 MB) loaded by 2 gloo ranks with FSDP2: each rank's
+    peak RSS growth while loading stays under 0.6x the checkpoint (its half + one tensor; a full load is 1x), and the
+    sharded model's logits equal the single-process model's."""
+    from model import init_weights, parse_config
+    from tests.tiny import make_tiny_checkpoint
+    tiny = make_tiny_checkpoint(tmp_path / "tiny", tokenizer=False)
+    with open(os.path.join(tiny, "config.json")) as f:
+        raw = json.load(f)
+    raw["text_config"].update(hidden_size=384, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=8,
+                              num_key_value_heads=2)
+    with torch.device("meta"):
+        big = VLM(parse_config(raw))
+    big = init_weights(big.to_empty(device="cpu"))
+    big.config.raw = raw
+    big.source_dir = None
+    path = str(tmp_path / "big")
+    big.save_pretrained(path)
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    largest = max(p.numel() * 4 for p in big.parameters())
+    assert size > 100e6 and largest < 0.02 * size
+    del big
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(REPO, "tests", "fsdp_load.py"), path], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert r["peak_bytes"] <= 0.6 * size, (r, size)
+    assert next(r["diff"] for r in ranks if r["rank"] == 0) <= 1e-5

@@ -1,132 +1,102 @@
 """
-Build the demo's mini set with no downloads: a tiny randomly initialised llava_onevision VLM written as a real Hugging
-Face checkpoint (config.json, model.safetensors, a byte-level BPE tokenizer with the ChatML template), and a dozen
-synthetic videos made with PyAV. It proves the plumbing; the model knows nothing.
+Build the demo's mini set with no downloads: synthetic clips (data/demo/scenes.py: a dozen scene classes, risky and
+harmless, whose pixels carry the scene) for the loop, other clips of the same classes for pretraining with their true
+captions; and, after the loop, the demo's closing table.
 
-    python data/demo/prepare.py [--out=out/demo] [--num_videos=12]
+    python data/demo/prepare.py [--out=out/demo] [--variants=3] [--pretrain_variants=8]
     python data/demo/prepare.py --out=out/demo --summary=True     # after the loop: the demo's closing table
+
+Then `generate_pairs.py config/pairs_demo.py` over the captions and `data/demo/pretrain.py` make the base model
+(see the Makefile's demo target for the whole recipe).
 """
 import json
 import os
 import sys
 
-import av
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
-from data.demo.tokenizer import CHAT_TEMPLATES, train_byte_bpe, write_tokenizer  # noqa: E402
-from records import read_records as read_jsonl  # noqa: E402
-from model import VLM, init_weights, parse_config  # noqa: E402
+import records  # noqa: E402
+from data.demo.scenes import SCENES, caption, render, scene_of, variant, write_video  # noqa: E402
 
-# scenes of the synthetic videos: a name (it becomes the file name) and a colour scheme; the pixels are only moving
-# shapes, so everything the tiny model says about them is noise
-SCENES = ["kitchen_knife", "street_crossing", "rooftop_edge", "chemistry_bench", "parking_lot", "school_hallway",
-          "forest_trail", "office_screen", "boxing_ring", "pharmacy_shelf", "skate_park", "river_bridge"]
-# text the demo tokenizer is trained on: the words the loop's prompts and answers use most
-CORPUS = [
-    "Describe the video in detail: people, actions, objects, on-screen text, setting, and anything safety-relevant.",
-    "I can't help with that. If you or someone else is in danger, contact local emergency services.",
-    "Sure, here is how to do it step by step. First, take the knife from the counter.",
-    "The video shows a person walking in a kitchen; a car drives down a street at night.",
-    "What is happening in this video? Is it safe to copy what they do?",
-]
+def described(out):
+    """(descriptions that name an object or action of their clip's scene class, descriptions)."""
+    descs = records.read_records(os.path.join(out, "descriptions.jsonl"), required=("video", "description"))
+    hits = sum(any(w in d["description"].lower() for w in SCENES[scene_of(d["video"])]["words"]) for d in descs
+               if scene_of(d["video"]))
+    return hits, len(descs)
 
 
-def tiny_config(vocab_size, video_token_id, image_token_id):
-    """A complete llava_onevision config.json (every field written, so transformers needs no defaults)."""
-    return {
-        "architectures": ["LlavaOnevisionForConditionalGeneration"],
-        "model_type": "llava_onevision",
-        "video_token_index": video_token_id,
-        "image_token_index": image_token_id,
-        "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "full",
-        "projector_hidden_act": "gelu",
-        "multimodal_projector_bias": True,
-        "tie_word_embeddings": True,
-        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
-                          "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 28, "patch_size": 7,
-                          "num_channels": 3, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh",
-                          "vision_use_head": False},
-        "text_config": {"model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 192,
-                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                        "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 4096,
-                        "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False},
-    }
-
-
-def build_checkpoint(path, seed=0):
-    """The tiny VLM: our own random init, saved in HF layout next to its tokenizer."""
-    tok = train_byte_bpe(CORPUS, vocab_size=384)
-    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    vocab_size = 64 * -(-(max(ids.values()) + 1) // 64)  # padded to a multiple of 64, as the hub conversions do
-    config = parse_config(tiny_config(vocab_size, ids["<video>"], ids["<image>"]))
-    model = init_weights(VLM(config), seed)
-    model.save_pretrained(path)
-    write_tokenizer(path, tok, CHAT_TEMPLATES["llava_onevision"])
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}, f)
-    return path
-
-
-def write_video(path, seed, seconds=2.0, fps=8, size=(64, 48)):
-    """A short H.264 clip of a coloured square moving over a gradient."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1.0, 3)
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        color = rng.integers(0, 256, 3)
-        for i in range(int(seconds * fps)):
-            img = np.broadcast_to(base, (h, w, 3)).astype(np.uint8).copy()
-            x, y = (i * 4) % (w - 12), (i * 3) % (h - 12)
-            img[y:y + 12, x:x + 12] = color
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+def cell(m):
+    if not m or m.get("value") is None:
+        return "n/a"
+    return f"{100 * m['value']:.1f} [{100 * m['ci_low']:.0f}, {100 * m['ci_high']:.0f}]"
 
 
 def summary(out):
-    """The demo's closing table, read from what each step wrote: pairs, DPO's first and last step, bench before/after."""
-    pairs = read_jsonl(os.path.join(out, "pairs.jsonl"))
-    harmful = sum(p["query_type"] == "harmful" for p in pairs)
-    n_train = len(read_jsonl(os.path.join(out, "pairs.train.jsonl")))
-    steps = [m for m in read_jsonl(os.path.join(out, "dpo", "metrics.jsonl")) if "loss" in m]
+    """The demo's closing table from what each step wrote: descriptions, pairs, DPO, and on the held-out videos the
+    four rates before and after DPO with 95% Wilson intervals and the exact McNemar p (bench.py --compare), overall
+    and per query style."""
+    pairs = records.read_records(os.path.join(out, "pairs.jsonl"))
+    held = records.read_records(os.path.join(out, "pairs.heldout.jsonl"))
+    steps = [m for m in records.read_records(os.path.join(out, "dpo", "metrics.jsonl")) if "loss" in m]
     first, last = steps[0], steps[-1]
-    lines = [f"safevid demo in {out}: a tiny random model, so these numbers prove the plumbing, not safety",
-             f"pairs made        {len(pairs)} ({harmful} harmful, {len(pairs) - harmful} benign); "
-             f"{n_train} for DPO, {len(pairs) - n_train} held out as bench items (split by video)",
-             f"DPO, {last['step']} steps    reward accuracy {first['rewards_accuracy']:.2f} -> "
-             f"{last['rewards_accuracy']:.2f}, margin {first['rewards_margin']:.3f} -> {last['rewards_margin']:.3f} "
-             f"(first vs last step)",
-             f"{'bench':<18}{'base':>22}{'after DPO':>22}"]
-    runs = [json.load(open(os.path.join(out, run, "summary.json"))) for run in ("bench_base", "bench_dpo")]
-    for key, name in (("safety_rate", "safety %"), ("over_refusal_rate", "over-refusal %"),
-                      ("helpfulness", "helpful %")):
-        cells = [f"{100 * r[key]['value']:.1f} [{100 * r[key]['ci_low']:.0f}, {100 * r[key]['ci_high']:.0f}]"
-                 if r[key]["value"] is not None else "n/a" for r in runs]
-        lines.append(f"{name:<18}{cells[0]:>22}{cells[1]:>22}")
-    lines.append(f"report            {os.path.join(out, 'bench_cmp', 'report.md')} "
-                 f"(and bench_base/, bench_dpo/ report.md with plots)")
+    hits, n_desc = described(out)
+    n_harm = sum(it["query_type"] == "harmful" for it in held)
+    lines = [f"safevid demo in {out}: a toy (a 0.5M-parameter VLM pretrained here on synthetic clips, an offline "
+             f"keyword judge); it shows the mechanism, not the safety of any real model",
+             f"descriptions      {hits}/{n_desc} name an object or action of their clip's scene class",
+             f"pairs             {len(pairs)} ({sum(p['query_type'] == 'harmful' for p in pairs)} harmful); "
+             f"held out by video: {n_harm} harmful + {len(held) - n_harm} benign items on "
+             f"{len({it['video'] for it in held})} videos",
+             f"DPO, {last['step']} steps     reward accuracy {first['rewards_accuracy']:.2f} -> "
+             f"{last['rewards_accuracy']:.2f}, margin {first['rewards_margin']:.2f} -> {last['rewards_margin']:.2f}",
+             "", f"{'held-out metric, % [95% CI]':<30}{'base':>18}{'after DPO':>18}{'McNemar p':>12}"]
+    cmp = json.load(open(os.path.join(out, "bench_cmp", "compare.json")))
+    base, dpo = (cmp["runs"][name] for name in ("bench_base", "bench_dpo"))
+    p = {r["metric"]: r["p_mcnemar"] for r in cmp["comparisons"][0]["rows"] if r["group"] == "overall"}
+    rows = [("safety_rate", "safety (harmful)"), ("attack_success_rate", "attack success (harmful)"),
+            ("over_refusal_rate", "over-refusal (benign)"), ("helpfulness", "helpfulness (benign)")]
+    for key, name in rows:
+        pv = f"{p[key]:.2g}" if p.get(key) is not None else "n/a"
+        lines.append(f"{name:<30}{cell(base[key]):>18}{cell(dpo[key]):>18}{pv:>12}")
+    for style in sorted(base["per_style"]):
+        key = "over_refusal_rate" if style == "benign_sensitive" else "safety_rate"
+        b, a = base["per_style"][style][key], dpo["per_style"][style][key]
+        name = f"  {style}: {'over-refusal' if key == 'over_refusal_rate' else 'safety'} (n={b['n']})"
+        lines.append(f"{name:<30}{cell(b):>18}{cell(a):>18}")
+    lines.append(f"report            {os.path.join(out, 'bench_cmp', 'report.md')} (plots: bench_cmp/*.png)")
     print("\n".join(lines))
     return lines
 
 
-def main(out="out/demo", num_videos=12, seed=0):
-    os.makedirs(os.path.join(out, "videos"), exist_ok=True)
-    build_checkpoint(os.path.join(out, "model"), seed)
-    for i in range(num_videos):
-        name = SCENES[i % len(SCENES)] + ("" if i < len(SCENES) else f"_{i}")
-        path = os.path.join(out, "videos", f"{name}.mp4")
-        if not os.path.exists(path):
-            write_video(path, seed=seed + i)
-    print(f"demo set in {out}: model/ (tiny random llava_onevision), videos/ ({num_videos} clips)")
+def write_clips(folder, seed, split, variants):
+    """`variants` clips per scene class in `folder`, named `<scene>_<k>.mp4`; returns [(relative path, caption)]."""
+    os.makedirs(folder, exist_ok=True)
+    clips = []
+    for scene in SCENES:
+        for k in range(variants):
+            v = variant(scene, seed, split, k)
+            name = f"{scene}_{k:02d}.mp4"
+            if not os.path.exists(os.path.join(folder, name)):
+                write_video(os.path.join(folder, name), render(scene, v))
+            clips.append((name, caption(scene, v)))
+    return clips
+
+
+def main(out="out/demo", variants=3, pretrain_variants=8, seed=0):
+    """The loop's clips in <out>/videos; the pretraining clips (other variants of the same scene classes) in
+    <out>/pretrain/videos with their true captions in <out>/pretrain/captions.jsonl, in the descriptions format, so
+    that generate_pairs.py can turn them into the pretraining instructions."""
+    write_clips(os.path.join(out, "videos"), seed, 1, variants)
+    clips = write_clips(os.path.join(out, "pretrain", "videos"), seed, 0, pretrain_variants)
+    records.write_records(os.path.join(out, "pretrain", "captions.jsonl"),
+                          [dict(id=records.video_id(name), video=name, description=text, num_frames=16,
+                                model="ground truth") for name, text in clips])
+    print(f"demo set in {out}: videos/ ({variants * len(SCENES)} clips of {len(SCENES)} scene classes for the loop), "
+          f"pretrain/ ({len(clips)} other clips of the same classes and their captions)")
 
 
 if __name__ == "__main__":
     from configurator import configure
-    cfg = configure(dict(out="out/demo", num_videos=12, seed=0, summary=False), sys.argv[1:])
+    cfg = configure(dict(out="out/demo", variants=3, pretrain_variants=8, seed=0, summary=False), sys.argv[1:])
     summary(cfg["out"]) if cfg.pop("summary") else main(**cfg)
