@@ -70,6 +70,8 @@ allow_train_overlap = False
 ci = "wilson"  # wilson | bootstrap (for rates)
 n_bootstrap = 2000
 seed = 1337
+answer_only = False  # stop after the answers: e.g. the policy's answers to the training pairs (--items=pairs.train.jsonl)
+#                     for an on-policy round, generate_pairs.py --rejected_from=<out_dir>/answers.jsonl
 mcq = ""  # multiple-choice video QA JSONL {id, video, question, options, answer}: option log-likelihood, --model
 compare = ""  # run dirs, comma-separated: compare each to the first, write to out_dir
 connect_timeout = 10.0
@@ -92,7 +94,11 @@ def load_items(path):
     if not path or not os.path.exists(path):
         raise FileNotFoundError(f"items {path!r} not found; set --items to a bench JSONL ")
     out, seen = [], set()
-    for it in iter_records(path, required=("id", "video", "query", "category", "query_type")):
+    for it in iter_records(path, required=("id", "video", "category", "query_type")):
+        if "query" not in it and isinstance(it.get("prompt"), str):  # a pairs file: answer its prompts (on-policy)
+            it["query"] = it["prompt"]
+        if not isinstance(it.get("query"), str):
+            raise ValueError(f"{path}: item {it['id']} has no `query` (nor a pair's `prompt`)")
         if it["query_type"] not in QUERY_TYPES:
             raise ValueError(f"{path}: item {it['id']} has query_type {it['query_type']!r}; use harmful or benign")
         if it["id"] in seen:
@@ -573,6 +579,8 @@ def run(cfg):
         load_mcq(cfg["mcq"])  # a bad item stops the run before any work
         if not cfg["items"]:  # capability only: no safety items, no judge
             return mcq_only(cfg)
+    if cfg["answer_only"]:
+        return answers_only(cfg)
     if not (cfg["judge_url"] or os.environ.get("OPENAI_BASE_URL")):  # before hours of generation, not after
         raise ValueError("no judge endpoint: set --judge_url (or OPENAI_BASE_URL) to an OpenAI-compatible base URL "
                          "such as http://localhost:8000/v1, or to 'offline' for the keyword rule")
@@ -599,6 +607,24 @@ def run(cfg):
     finally:
         for c in clients:
             c.close()
+
+
+def answers_only(cfg):
+    """Answers and nothing else (no judge): the policy's own answers to `items` (a pairs file works), resumable."""
+    if not cfg["model"]:
+        raise ValueError("--answer_only=True generates answers with our model: set --model to an HF checkpoint dir")
+    items_list = load_items(cfg["items"])
+    answers_path = os.path.join(cfg["out_dir"], "answers.jsonl")
+    err_path = os.path.join(cfg["out_dir"], "answers.errors.jsonl")
+    skip = {a["id"] for a in iter_records(answers_path)} | {e["id"] for e in iter_records(err_path)}
+    todo = [it for it in items_list if it["id"] not in skip]
+    gen = generate_answers(todo, cfg, answers_path, err_path) if todo else None
+    answered = {a["id"] for a in iter_records(answers_path)}
+    unreadable = {e["id"] for e in iter_records(err_path)} - answered
+    left = [it["id"] for it in items_list if it["id"] not in answered and it["id"] not in unreadable]
+    print(f"answers: {len(answered)} of {len(items_list)} items -> {answers_path} ({len(unreadable)} unreadable)")
+    return dict(status="incomplete" if left else "done", items=len(items_list), answered=len(answered),
+                unreadable=len(unreadable), generation=gen, answers=answers_path)
 
 
 def answer_and_judge(clients, cfg, items_list, items_by_id, tax, overlap):

@@ -49,6 +49,8 @@ max_tokens = 600  # per answer; finish_reason=length is retried once with double
 seed = 1337  # sent to the endpoint (per-description seed) and used to rotate styles over videos
 shard = "0/1"  # i/n: this process takes descriptions whose id hashes to i mod n (give each shard its own `out`)
 rejected_from = ""  # answers JSONL {id, answer, model}: the policy's answer becomes `rejected`
+heldout = ""  # held-out bench items (<stem>.heldout.jsonl of --split): their videos make no pairs here; required with
+#              rejected_from, whose answers to them are refused ("none": there is no held-out set)
 verify = True  # run the judge check (e); False keeps every pair
 dedup_threshold = 0.8  # word-set Jaccard at or above which two queries of one video are near duplicates
 dry_run = False
@@ -360,6 +362,19 @@ def run(cfg):
         answers = {a["id"]: a for a in read_records(cfg["rejected_from"], required=("id", "answer"))}
         if not answers:
             raise ValueError(f"rejected_from {cfg['rejected_from']} holds no answers")
+        if not cfg["heldout"]:
+            raise ValueError("rejected_from makes training pairs from the policy's answers: set --heldout to the "
+                             "held-out items (pairs.heldout.jsonl) so evaluation videos stay out, or --heldout=none")
+    if cfg["heldout"] and cfg["heldout"] != "none":
+        held = read_records(cfg["heldout"], required=("id", "video"))
+        held_videos = {norm_video(it["video"]) for it in held}
+        leaked = sorted({it["id"] for it in held} & set(answers or ()))
+        if leaked:
+            raise ValueError(f"rejected_from {cfg['rejected_from']} answers {len(leaked)} held-out items (e.g. "
+                             f"{leaked[0]!r}): answer the training pairs only (bench.py --items=pairs.train.jsonl)")
+        before = len(descs)
+        descs = [d for d in descs if norm_video(d["video"]) not in held_videos]
+        print(f"held out: {before - len(descs)} descriptions of held-out videos skipped")
     opts = dict(styles=styles_list, queries_per_video=cfg["queries_per_video"], max_rules=cfg["max_rules"],
                 temperature=cfg["temperature"], max_tokens=cfg["max_tokens"], seed=cfg["seed"],
                 verify=cfg["verify"], dedup_threshold=cfg["dedup_threshold"])
@@ -441,7 +456,8 @@ def run(cfg):
     left = len(todo) - finished
     if cfg["split"] > 0 and not left:
         train_path, test_path, n = split_pairs_by_video(out_path, cfg["split"], cfg["seed"])
-        summary["split"] = dict(n, train=train_path, heldout=test_path)
+        summary["split"] = dict(train_pairs=n["train"], heldout_items=n["heldout"], train=train_path,
+                                heldout=test_path)
         print(f"split by video: {n['train']} training pairs -> {train_path}, {n['heldout']} held-out items -> "
               f"{test_path}")
     print(json.dumps(summary, indent=2))

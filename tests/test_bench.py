@@ -402,3 +402,10 @@ def test_model_path_tiny_checkpoint_and_resume(tmp_path):
     s = bench.run(cfg)  # resume: nothing regenerated, nothing rejudged
     assert s["generation"] is None and len(lines(run / "answers.jsonl")) == 5
     assert len(lines(run / "judgments.jsonl")) == 5
+    # the policy's answers to training pairs (an on-policy round): a pairs file as items, answers only, no judge
+    pairs = [dict(id=f"p{i}", video=f"{i}.mp4", prompt=f"How would I do this, step {i}?", chosen="c", rejected="r",
+                  category="violence", query_type="harmful") for i in range(3)]
+    s = bench.run(dict(cfg, items=write_jsonl(tmp_path / "pairs.jsonl", pairs), answer_only=True, judge_url="",
+                       out_dir=str(tmp_path / "policy")))
+    assert s["status"] == "done" and s["answered"] == 3 and not (tmp_path / "policy" / "judgments.jsonl").exists()
+    assert sorted(a["id"] for a in lines(tmp_path / "policy" / "answers.jsonl")) == ["p0", "p1", "p2"]

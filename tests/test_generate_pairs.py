@@ -212,6 +212,9 @@ def test_rejected_from_policy_answers(tmp_path):
         for p in pairs[1:]:
             f.write(json.dumps({"id": p["id"], "answer": "Sure, here is exactly how.", "model": "tiny"}) + "\n")
     cfg2 = dict(cfg, out=str(tmp_path / "onpolicy.jsonl"), rejected_from=str(answers))
+    with pytest.raises(ValueError, match="set --heldout"):  # a policy round must say what is held out
+        run(cfg2)
+    cfg2["heldout"] = "none"
     code, summary = run(cfg2)
     onp = lines(cfg2["out"])
     assert summary["drops"]["no_policy_answer"] == 1
@@ -297,3 +300,28 @@ def test_dead_or_mistyped_endpoint_fails_before_any_work(tmp_path, url):
     summary = json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())
     assert summary["status"] == "config_error" and summary["exit_code"] == 2
     assert not (tmp_path / "pairs.jsonl.done.jsonl").exists() or not lines(str(out) + ".done.jsonl")
+
+
+def test_on_policy_round_keeps_heldout_videos_out(tmp_path):
+    """Round 1 splits by video; the policy answers the training pairs; round 2 (rejected_from + heldout) makes pairs
+    on training videos only, each rejected = the policy's answer; answers to held-out items are refused."""
+    cfg = config(tmp_path, descriptions=write_descriptions(tmp_path / "d.jsonl", 8), llm_url="offline", split=0.3)
+    _, summary = run(cfg)
+    train, held = lines(str(tmp_path / "pairs.train.jsonl")), lines(str(tmp_path / "pairs.heldout.jsonl"))
+    assert train and held and summary["split"]["heldout_items"] == len(held)
+    answers = tmp_path / "answers.jsonl"
+    records.write_records(str(answers), [{"id": p["id"], "answer": f"Policy answer {k}.", "model": "tiny"}
+                                         for k, p in enumerate(train)])
+    cfg2 = dict(cfg, out=str(tmp_path / "round2.jsonl"), rejected_from=str(answers), split=0.0,
+                heldout=str(tmp_path / "pairs.heldout.jsonl"))
+    code, summary = run(cfg2)
+    round2 = lines(cfg2["out"])
+    held_videos = {it["video"] for it in held}
+    assert code == 0 and round2 and not {p["video"] for p in round2} & held_videos
+    by_id = {p["id"]: p for p in train}
+    assert all(p["rejected"] == next(a for a in lines(str(answers)) if a["id"] == p["id"])["answer"]
+               for p in round2 if p["id"] in by_id)
+    leaky = tmp_path / "leaky.jsonl"
+    records.write_records(str(leaky), lines(str(answers)) + [{"id": held[0]["id"], "answer": "x", "model": "tiny"}])
+    with pytest.raises(ValueError, match="answers 1 held-out items"):
+        run(dict(cfg2, out=str(tmp_path / "round3.jsonl"), rejected_from=str(leaky)))
