@@ -23,6 +23,22 @@ path = sys.argv[1]
 rank, world, device, _ = setup_runtime("cpu")
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
+# warm-up: what torch allocates once per process the first time it builds on meta, shards and distributes (lazy
+# imports and their caches, independent of the model's size) is not the loader's memory
+from torch.distributed.tensor import distribute_tensor  # noqa: E402
+
+warm, _, _ = VLM.on_meta(path)
+del warm
+with torch.device("meta"):
+    tiny = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+fully_shard(tiny[0])
+fully_shard(tiny)
+tiny.to_empty(device=device)
+with torch.no_grad():
+    tiny[0].weight.copy_(distribute_tensor(torch.ones(8, 8), tiny[0].weight.device_mesh, tiny[0].weight.placements,
+                                           src_data_rank=None))
+    tiny(torch.ones(2, 8))
+del tiny
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM (the peak) to the current RSS
 before = status_kib("VmRSS")

@@ -552,6 +552,7 @@ def test_fsdp2_sharded_loading_memory_and_logits(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    print(f"checkpoint {size} bytes; per rank: {ranks}")
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     for r in ranks:
         assert r["peak_bytes"] <= 0.6 * size, (r, size)
