@@ -239,11 +239,13 @@ def test_bad_checkpoints(tmp_path):
 
 
 def test_demo_checkpoint_loads_in_transformers(tmp_path):
-    """A model we initialise ourselves (the demo's, config.json written by data/demo/prepare.py) is a real HF
+    """A model we initialise ourselves (the demo's base, config written by data/demo/pretrain.py) is a real HF
     checkpoint: transformers loads it and gives our logits."""
-    from data.demo.prepare import build_checkpoint
+    from data.demo.pretrain import tiny_config
+    from model import init_weights, parse_config
     from transformers import LlavaOnevisionForConditionalGeneration
-    path = build_checkpoint(str(tmp_path / "demo"))
+    path = str(tmp_path / "demo")
+    init_weights(VLM(parse_config(tiny_config(1029, 1027, 1028))), seed=0).save_pretrained(path)
     ours = VLM.from_pretrained(path)
     hf = LlavaOnevisionForConditionalGeneration.from_pretrained(path).eval()
     ids, pixels = inputs(ours, batch=2)
