@@ -28,11 +28,16 @@ def judge_throughput(n_items, latency, levels):
         answers = {i: dict(id=i, answer=f"Sure, step {i}.", model="m") for i in items}
         out = []
         for c in levels:
-            cfg = dict(bench.DEFAULTS, judge_url=url, concurrency=c, out_dir=os.path.join(tmp, f"c{c}"),
-                       taxonomy=os.path.join(REPO, "data/taxonomy.json"), prompts=os.path.join(REPO, "data/prompts"))
-            t0 = time.perf_counter()
-            counts = bench.run_judge(items, answers, cfg["out_dir"], cfg)
-            dt = time.perf_counter() - t0
+            cfg = dict(bench.DEFAULTS, judge_url=url, judge_model="judge", concurrency=c, progress=False,
+                       out_dir=os.path.join(tmp, f"c{c}"))
+            os.makedirs(cfg["out_dir"])
+            [client] = bench.judge_clients(cfg)
+            try:
+                t0 = time.perf_counter()
+                counts = bench.run_judge(client, items, answers, cfg["out_dir"], cfg)
+                dt = time.perf_counter() - t0
+            finally:
+                client.close()
             assert counts["judged"] == n_items, counts
             out.append((c, n_items / dt))
         return out
@@ -43,17 +48,21 @@ def judge_throughput(n_items, latency, levels):
 
 
 def generation_throughput(batch_sizes, n_items, max_new_tokens):
-    from data.demo.prepare import build_checkpoint, write_video
+    """On a tiny random checkpoint (tests/tiny.py) with a real tokenizer: answers differ in length across the batch."""
+    from data.demo.scenes import render, variant, write_video
+    from tests.tiny import make_tiny_checkpoint
     tmp = tempfile.mkdtemp()
     try:
-        ckpt = build_checkpoint(os.path.join(tmp, "model"))
-        write_video(os.path.join(tmp, "v.mp4"), seed=0)
+        ckpt = make_tiny_checkpoint(os.path.join(tmp, "model"))
+        write_video(os.path.join(tmp, "v.mp4"), render("kitchen_knife", variant("kitchen_knife", 0, 1, 0)))
         items = [dict(id=f"x{i}", video="v.mp4", query="What happens in this video?" + " Then?" * (i % 3),
                       category="violence", query_type="harmful") for i in range(n_items)]
         out = []
         for b in batch_sizes:
-            r = bench.generate_answers(items, ckpt, tmp, os.path.join(tmp, f"a{b}.jsonl"), os.path.join(tmp, "e"),
-                                       num_frames=8, max_new_tokens=max_new_tokens, batch_size=b)
+            cfg = dict(bench.DEFAULTS, model=ckpt, video_root=tmp, num_frames=8, max_new_tokens=max_new_tokens,
+                       batch_size=b, progress=False, device="cpu", dtype="float32")
+            r = bench.generate_answers(items, cfg, os.path.join(tmp, f"a{b}.jsonl"), os.path.join(tmp, f"e{b}.jsonl"))
+            assert r["answered"] == n_items, r
             out.append((b, r["new_tokens"] / r["seconds"], r["new_tokens"]))
         return out
     finally:
@@ -70,7 +79,7 @@ if __name__ == "__main__":
     for c, rate in res:
         print(f"  concurrency {c:3d}: {rate:7.1f} items/s  ({rate / res[0][1]:.1f}x)")
     gen = generation_throughput([1, 4, 8], 16, 32)
-    print("generation (demo tiny model, 8 frames, 32 new tokens max, 16 items):")
+    print("generation (tiny random model, 8 frames, 32 new tokens max, 16 items):")
     for b, rate, n in gen:
         print(f"  batch_size {b}: {rate:7.1f} new tokens/s ({n} tokens, {rate / gen[0][1]:.1f}x)")
     print(json.dumps({"judge": res, "generation": gen}))
