@@ -52,4 +52,11 @@ demo-steps:
 	$(PY) bench.py config/bench_demo.py --compare=$(DEMO)/bench_base,$(DEMO)/bench_dpo --out_dir=$(DEMO)/bench_cmp
 	$(PY) data/demo/prepare.py --out=$(DEMO) --summary=True
 
-.PHONY: test demo demo-steps
+# The one GPU check (tests/gpu_check.py, ~5-8 min on one H100/H200): kernel parity at the real tile sizes (stops on a
+# miss), then attention / fused_logprobs / DPO-step / generation numbers, one table, gpu_check.json. The node brings
+# torch with CUDA, triton, numpy and safetensors (no PyAV, no network needed).
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) tests/gpu_check.py --out=gpu_check.json
+
+.PHONY: test demo demo-steps gpu-check

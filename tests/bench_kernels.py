@@ -39,10 +39,10 @@ def _grouped_rows(T):
     return [[S, q, c, r, q + 1, c - 1, r, 0, c, r + 1], [S, 0, T // 5, T // 5] + [0] * 6, [T - 3] + [0] * 9]
 
 
-def _check_parity(device="cuda", cases=PARITY_CASES, V=5003):
+def _check_parity(device="cuda", cases=PARITY_CASES, V=5003, N=301):
     # run first on a GPU: Triton vs the fp64 reference on odd shapes, outputs and gradients (normwise relative error;
-    # tolerance as in tests/test_kernels.py: 2**7 ulps fp32, 1 ulp bf16). Returns False on any miss.
-    ok = True
+    # tolerance as in tests/test_kernels.py: 2**7 ulps fp32, 1 ulp bf16). Returns (all passed, one row per case).
+    ok, rows = True, []
     for dtype, T, Hq, Hkv, D in cases:
         P = T // 2
         layout = torch.tensor([[T, 0, 0], [P, T // 5, T - P - T // 5 - 3], [0, T // 3, T // 4]], device=device)
@@ -60,12 +60,14 @@ def _check_parity(device="cuda", cases=PARITY_CASES, V=5003):
             good = all(e <= tol for e in errs) and all(torch.isfinite(g).all() for g in got)
             ok &= good
             width = "none" if lay is None else lay.shape[1]  # 3: pairs, 10: grouped rows
+            rows.append(dict(kernel="attention", dtype=str(dtype), T=T, Hq=Hq, Hkv=Hkv, D=D, causal=causal,
+                             layout=width, rel_err=errs, tol=tol, ok=bool(good)))
             print(f"parity {str(dtype):>14} T={T:>4} Hq={Hq} Hkv={Hkv} D={D:>3} causal={causal!s:>5} "
                   f"layout={width:>4}: o/dq/dk/dv rel err {' '.join(f'{e:.1e}' for e in errs)} "
                   f"(tol {tol:.1e}) {'ok' if good else 'FAIL'}")
-    hidden = torch.randn(301, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
+    hidden = torch.randn(N, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(V, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
-    targets = torch.randint(0, V, (301,), device=device)
+    targets = torch.randint(0, V, (N,), device=device)
     targets[::7] = IGNORE_INDEX
     got = [fused_logprobs(hidden, weight, targets, chunk_size=64)]
     got += torch.autograd.grad(got[0].sum(), (hidden, weight))
@@ -75,61 +77,92 @@ def _check_parity(device="cuda", cases=PARITY_CASES, V=5003):
     errs = [((g.double() - w.double()).norm() / w.double().norm()).item() for g, w in zip(got, want)]
     good = all(e <= 2 * torch.finfo(torch.bfloat16).eps for e in errs)  # dlogits and the result: 2 bf16 roundings
     ok &= good
+    rows.append(dict(kernel="fused_logprobs", dtype="torch.bfloat16", N=N, V=V, rel_err=errs,
+                     tol=2 * torch.finfo(torch.bfloat16).eps, ok=bool(good)))
     print(f"parity fused_logprobs bf16: logp/dh/dW rel err {' '.join(f'{e:.1e}' for e in errs)} "
           f"{'ok' if good else 'FAIL'}")
-    return ok
+    return ok, rows
 
 
-def _bench_attention(dtype=torch.bfloat16):
-    from triton.testing import do_bench
+def _timer(device):
+    # ms per call: triton's do_bench on CUDA (cache flushed, warm-up, median); best of 3 elsewhere (the --tiny dry run)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return do_bench
+    import time
+
+    def best_of_3(fn):
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * min(times)
+    return best_of_3
+
+
+def _bench_attention(dtype=torch.bfloat16, device="cuda", Ds=(64, 128), Ts=(1024, 2048, 4096, 8192, 16384),
+                     tokens=16384, Hq=32, Hkv=8):
+    # fwd / bwd TFLOP/s of Triton (causal and a 90%-prefix pair row) vs SDPA (and flash_attn when importable), and
+    # fwd+bwd of a pair row vs causal attention over the duplicated sequence. Returns one dict per measurement.
     try:
         from flash_attn import flash_attn_func
     except ImportError:
         flash_attn_func = None
-    Hq, Hkv = 32, 8
-    print(f"attention, {torch.cuda.get_device_name()}, {dtype}, Hq={Hq} Hkv={Hkv}, B*T=16384 tokens; "
+    device = torch.device(device)
+    bench, rows = _timer(device), []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"attention, {name}, {dtype}, Hq={Hq} Hkv={Hkv}, B*T={tokens} tokens; "
           f"FLOPs = 4*D*Hq*(visible query-key pairs) forward, 2.5x that backward (5 matmuls vs 2); "
           f"sdpa gets K/V pre-expanded to Hq heads")
     print(f"{'D':>4} {'T':>6} {'mask':>7} {'impl':>11} {'fwd ms':>8} {'fwd TF/s':>9} {'bwd ms':>8} {'bwd TF/s':>9}")
-    for D in (64, 128):
-        for T in (1024, 2048, 4096, 8192, 16384):
-            B = max(1, 16384 // T)
-            q, k, v = (torch.randn(B, h, T, D, device="cuda", dtype=dtype, requires_grad=True)
+    for D in Ds:
+        for T in Ts:
+            B = max(1, tokens // T)
+            q, k, v = (torch.randn(B, h, T, D, device=device, dtype=dtype, requires_grad=True)
                        for h in (Hq, Hkv, Hkv))
             kr, vr = (x.detach().repeat_interleave(Hq // Hkv, 1).requires_grad_() for x in (k, v))
             P = int(0.9 * T) // 16 * 16  # a 90% shared prefix, two equal branches
             C = (T - P) // 2
-            pair = torch.tensor([[P, C, T - P - C]] * B, device="cuda")
-            impls = [("causal", "triton", lambda: attention(q, k, v), (q, k, v)),
+            pair = torch.tensor([[P, C, T - P - C]] * B, device=device)
+            impls = [("causal", "triton", lambda: attention(q, k, v, impl="triton"), (q, k, v)),
                      ("causal", "sdpa", lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True),
                       (q, kr, vr)),
-                     ("pair90", "triton", lambda: attention(q, k, v, layout=pair), (q, k, v))]
-            if flash_attn_func is not None:
+                     ("pair90", "triton", lambda: attention(q, k, v, layout=pair, impl="triton"), (q, k, v))]
+            if flash_attn_func is not None and device.type == "cuda":
                 qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
                 impls.append(("causal", "flash_attn", lambda: flash_attn_func(qt, kt, vt, causal=True), (qt, kt, vt)))
-            for mask, name, fn, inputs in impls:
+            for mask, impl, fn, inputs in impls:
                 flops = 4 * D * Hq * B * (_pairs(T, 0, 0) if mask == "causal" else _pairs(P, C, T - P - C))
                 try:
                     o = fn()
                     do = torch.randn_like(o)
-                    t_f = do_bench(fn)
-                    t_b = do_bench(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))
+                    t_f = bench(fn)
+                    t_b = bench(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))
                 except Exception as e:  # keep the table going (e.g. a backend without this shape); say why
-                    print(f"{D:>4} {T:>6} {mask:>7} {name:>11} failed: {type(e).__name__}: {str(e)[:80]}")
+                    print(f"{D:>4} {T:>6} {mask:>7} {impl:>11} failed: {type(e).__name__}: {str(e)[:80]}")
+                    rows.append(dict(D=D, T=T, mask=mask, impl=impl, error=f"{type(e).__name__}: {str(e)[:200]}"))
                     continue
-                print(f"{D:>4} {T:>6} {mask:>7} {name:>11} {t_f:8.3f} {flops / t_f * 1e-9:9.1f} {t_b:8.3f} "
+                rows.append(dict(D=D, T=T, mask=mask, impl=impl, fwd_ms=t_f, bwd_ms=t_b,
+                                 fwd_tflops=flops / t_f * 1e-9, bwd_tflops=2.5 * flops / t_b * 1e-9))
+                print(f"{D:>4} {T:>6} {mask:>7} {impl:>11} {t_f:8.3f} {flops / t_f * 1e-9:9.1f} {t_b:8.3f} "
                       f"{2.5 * flops / t_b * 1e-9:9.1f}")
                 del o, do
             # prefix sharing, fwd+bwd: a pair row [P, C, C] vs causal over [prompt|chosen] and [prompt|rejected]
             q1, k1, v1 = (x.detach()[:, :, :P + 2 * C].requires_grad_() for x in (q, k, v))
-            q2, k2, v2 = (torch.randn(2 * B, h, P + C, D, device="cuda", dtype=dtype, requires_grad=True)
+            q2, k2, v2 = (torch.randn(2 * B, h, P + C, D, device=device, dtype=dtype, requires_grad=True)
                           for h in (Hq, Hkv, Hkv))
-            lay = torch.tensor([[P, C, C]] * B, device="cuda")
-            t_pair = do_bench(lambda: torch.autograd.grad(attention(q1, k1, v1, layout=lay).sum(), (q1, k1, v1)))
-            t_dup = do_bench(lambda: torch.autograd.grad(attention(q2, k2, v2).sum(), (q2, k2, v2)))
+            lay = torch.tensor([[P, C, C]] * B, device=device)
+            t_pair = bench(lambda: torch.autograd.grad(attention(q1, k1, v1, layout=lay, impl="triton").sum(),
+                                                       (q1, k1, v1)))
+            t_dup = bench(lambda: torch.autograd.grad(attention(q2, k2, v2, impl="triton").sum(), (q2, k2, v2)))
+            rows.append(dict(D=D, T=T, mask="pair_vs_duplicated", impl="triton", pair_ms=t_pair, duplicated_ms=t_dup,
+                             speedup=t_dup / t_pair))
             print(f"{D:>4} {T:>6} fwd+bwd, pair row vs causal over the duplicated sequence (prefix {P}, branches {C}):"
                   f" {t_pair:.3f} ms vs {t_dup:.3f} ms, {t_dup / t_pair:.2f}x faster")
             del q, k, v, kr, vr, q1, k1, v1, q2, k2, v2
+    return rows
 
 
 def _bench_attention_cpu(B=2, Hq=14, Hkv=2, T=1024, D=64, rounds=3):
@@ -260,6 +293,7 @@ def _bench_logprobs(device, Ns, N_time, V=151936, d=3584, dtype=torch.float32, r
     import sys
     import time
     grads = lambda N: (N + V) * d * (torch.finfo(dtype).bits // 8)  # grad_hidden + grad_weight, bytes
+    out = dict(device=device, dtype=str(dtype), V=V, d=d, peaks=[])
     print(f"fused_logprobs fwd+bwd, {device}, {dtype}, V={V} d={d}")
     print("  peak memory beyond the inputs, one fresh process per entry (the gradients themselves are included)")
     for N in Ns:
@@ -268,11 +302,13 @@ def _bench_logprobs(device, Ns, N_time, V=151936, d=3584, dtype=torch.float32, r
             cmd = [sys.executable, os.path.abspath(__file__), "--peak", impl, str(N), str(V), str(d), device,
                    str(dtype).split(".")[1]]
             peak[impl] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        out["peaks"].append(dict(N=N, naive_bytes=peak["naive"], fused_bytes=peak["fused"], grads_bytes=grads(N),
+                                 ratio_beyond_grads=(peak["fused"] - grads(N)) / max(1, peak["naive"] - grads(N))))
         mib = lambda x: f"{x / 2**20:.0f} MiB"
         print(f"  N={N:>5}: naive {mib(peak['naive'])}, fused {mib(peak['fused'])} "
-              f"({peak['fused'] / peak['naive']:.3f}x);"
+              f"({peak['fused'] / max(1, peak['naive']):.3f}x);"
               f" beyond the {mib(grads(N))} of grads: naive {mib(peak['naive'] - grads(N))}, fused "
-              f"{mib(peak['fused'] - grads(N))} ({(peak['fused'] - grads(N)) / (peak['naive'] - grads(N)):.3f}x)")
+              f"{mib(peak['fused'] - grads(N))} ({out['peaks'][-1]['ratio_beyond_grads']:.3f}x)")
     inputs = _logprobs_inputs(N_time, V, d, device, dtype)
     best = {"naive": float("inf"), "fused": float("inf")}
     for _ in range(rounds):  # interleaved in one process so that load from other jobs hits both alike
@@ -282,6 +318,8 @@ def _bench_logprobs(device, Ns, N_time, V=151936, d=3584, dtype=torch.float32, r
             best[impl] = min(best[impl], time.perf_counter() - t0)
     print(f"  time N={N_time}, best of {rounds} interleaved: naive {best['naive']:.3f} s, fused {best['fused']:.3f} s "
           f"({best['fused'] / best['naive']:.2f}x)")
+    out.update(N_time=N_time, naive_s=best["naive"], fused_s=best["fused"], time_ratio=best["fused"] / best["naive"])
+    return out
 
 
 def main():
@@ -294,7 +332,7 @@ def main():
         _bench_tiles("cuda" if torch.cuda.is_available() else "cpu")
         return
     if torch.cuda.is_available():
-        if not _check_parity():
+        if not _check_parity()[0]:
             sys.exit("parity check failed on CUDA: the numbers below would be for wrong kernels, so none are taken")
         _bench_tiles("cuda")
         _bench_attention()
