@@ -722,7 +722,7 @@ def card_markdown(c):
              f"{c['n']} preference pairs (video, prompt, chosen, rejected). Licence: **{c['license']}**.", "",
              f"- generator: {names(c['generator'])}", f"- verifier: {c['verifier']}",
              f"- taxonomy: {c['taxonomy']['file']} version {c['taxonomy']['version']}",
-             f"- dropped: {sum(c['drops'].values())} ({c['dedup']} duplicates), "
+             f"- dropped: {sum(c['drops'].values())} (duplicates {c['dedup']}), "
              f"{sum(c['transient_failures'].values())} transient failures redone on a rerun", "",
              "![pairs per category](card_categories.png)", "", "## Counts", ""]
     for field, cnt in c["counts"].items():
@@ -731,7 +731,8 @@ def card_markdown(c):
     lines += ["", "## Response lengths", "", "| text | unit | n | min | median | p90 | max |", "|---" * 7 + "|"]
     for key, s in c["lengths"].items():
         side, unit = key.split("_")
-        lines.append(f"| {side} | {unit} | {s['n']} | {s['min']} | {s['median']} | {s['p90']} | {s['max']} |")
+        lines.append(f"| {side} | {unit} | " + " | ".join("-" if s[k] is None else f"{s[k]:.6g}" for k in
+                                                          ("n", "min", "median", "p90", "max")) + " |")
     return lines
 
 
