@@ -21,7 +21,7 @@ test: $(VENV)/.dev
 
 # The whole loop on the demo's mini set, each step a plain script run (a rerun resumes every step): clips and true
 # captions, the base model's instructions (the offline generator over the true captions), pretraining from scratch,
-# then describe -> pairs -> split by video -> bench base -> DPO -> bench aligned -> compare -> the closing table.
+# then describe -> pairs -> split by video -> dataset card -> bench base -> DPO -> bench aligned -> compare -> the closing table.
 # tests/test_demo.py runs the same recipe on a smaller configuration (DEMO_VARIANTS, PRETRAIN_ARGS, DPO_ARGS).
 DEMO ?= out/demo
 DEMO_VARIANTS ?= 3
@@ -39,6 +39,7 @@ demo-steps:
 		--out=$(DEMO)/descriptions.jsonl --progress=False
 	$(PY) generate_pairs.py config/pairs_demo.py --descriptions=$(DEMO)/descriptions.jsonl --out=$(DEMO)/pairs.jsonl \
 		--split=0.3
+	$(PY) generate_pairs.py config/pairs_demo.py --out=$(DEMO)/pairs.jsonl --card=True
 	$(PY) bench.py config/bench_demo.py --items=$(DEMO)/pairs.heldout.jsonl --train_pairs=$(DEMO)/pairs.train.jsonl \
 		--video_root=$(DEMO)/videos --model=$(DEMO)/model --out_dir=$(DEMO)/bench_base --progress=False
 	$(PY) data/demo/gold.py --items=$(DEMO)/pairs.heldout.jsonl --answers=$(DEMO)/bench_base/answers.jsonl \

@@ -6,6 +6,7 @@ each with a preferred (rule-following) and a rejected answer.
     python generate_pairs.py [config/pairs_x.py] --descriptions=out/descriptions.jsonl --out=out/pairs.jsonl
     python generate_pairs.py --llm_url=offline ...      # deterministic templates: a smoke test, not a model
     python generate_pairs.py --dry_run=True ...         # number of calls, estimated tokens and cost; calls nothing
+    python generate_pairs.py --out=out/pairs.jsonl --card=True   # DATASET_CARD.md + card.json beside it; calls nothing
 
 Per description (one worker runs these calls in order; `concurrency` descriptions are in flight):
   a. rules:    the LLM picks up to `max_rules` taxonomy rules the video makes relevant, with a reason
@@ -27,6 +28,7 @@ import time
 from collections import Counter
 
 import llm
+import report
 from configurator import Progress, defaults_of, main, repo_path
 from records import Writer, iter_records, norm_video, pair_id, read_records, stable_hash, write_records
 from records import normalize_query as normalize
@@ -63,6 +65,8 @@ retry_after_max = 120.0  # a longer Retry-After defers the description to a reru
 breaker = 20  # consecutive failed calls that stop the run ("endpoint unavailable", exit 3)
 price_prompt = 0.15  # $ per 1M prompt tokens (gpt-4o-mini list price; set your endpoint's)
 price_completion = 0.60  # $ per 1M completion tokens
+card = False  # True: only write DATASET_CARD.md, card.json and a plot beside `out`, from the files the run wrote
+license = ""  # the card's licence; "" -> CC BY-NC-SA 4.0 for pairs imported from SafeVid-350K, else a reminder
 split = 0.0  # > 0: then split `out` by video into <stem>.train.jsonl (pairs) + <stem>.heldout.jsonl (bench items)
 # ---------------------------------------------------------------------------------------------------------------
 DEFAULTS = defaults_of(globals())
@@ -341,6 +345,11 @@ def check_templates(tpl):
 def run(cfg):
     """The whole script with an explicit config dict; returns the summary (status "incomplete" when descriptions
     are left for a rerun: transient endpoint failures, a breaker that opened)."""
+    if cfg["card"]:  # reads what a run wrote, calls nothing
+        card = report.dataset_card(cfg["out"], repo_path(cfg["taxonomy"]), cfg["license"])
+        folder = os.path.dirname(os.path.abspath(cfg["out"]))
+        print(f"dataset card of {card['n']} pairs -> {folder}/DATASET_CARD.md, card.json, card_categories.png")
+        return dict(status="done", pairs=card["n"])
     styles_list = [s.strip() for s in cfg["styles"].split(",") if s.strip()]
     bad = [s for s in styles_list if s not in ALL_STYLES]
     if bad or not styles_list:
@@ -465,5 +474,6 @@ def run(cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(main("generate_pairs.py", DEFAULTS, run, sys.argv[1:],
-                  lambda c: (None, None) if c["dry_run"] else (c["out"] + ".config.json", c["out"] + ".summary.json")))
+    # a dry run and a card write no config or summary (a card's would overwrite the run's it reads)
+    sys.exit(main("generate_pairs.py", DEFAULTS, run, sys.argv[1:], lambda c: (None, None) if c["dry_run"] or c["card"]
+                  else (c["out"] + ".config.json", c["out"] + ".summary.json")))

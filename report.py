@@ -2,14 +2,16 @@
 Statistics and reports for benchmark runs: rates with 95% intervals (Wilson, or percentile bootstrap), the paired
 comparison of runs on the same items (delta with a paired-bootstrap interval and p-value, exact McNemar p), the
 Markdown reports and the plots. bench.py produces judgments and calls this; nothing here calls a model or a judge.
+The dataset card of a pairs file (counts, provenance, drops, lengths, licence) is here too (generate_pairs --card).
 
 A judgment is {id, label, score, query_type, category, style, refusal_kw, ...} (bench.py). Harmful items count as
 safe when score <= threshold; benign items as helpful / over_refusal / unhelpful; `judge_error` is never scored.
 """
+import hashlib
 import json
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -633,3 +635,122 @@ def compare(dirs, out_dir, threshold, method="wilson", n_boot=2000, seed=0):
                 print(f"{c['run']} vs {c['baseline']}: {r['metric']} {100 * r['a']:.1f} -> {100 * r['b']:.1f} % "
                       f"({100 * r['delta']:+.1f} points, p={r['p_bootstrap']:.3g})")
     return comparisons
+
+
+# -----------------------------------------------------------------------------
+# dataset card: what a pairs file holds and how it was made (generate_pairs.py --card=True)
+
+CARD_FIELDS = ("category", "subcategory", "rule", "style", "query_type", "rejected_source", "generator",
+               "taxonomy_version", "source")  # counted when the records carry them (imports lack some)
+SAFEVID_LICENSE = "CC BY-NC-SA 4.0"  # SafeVid-350K's licence; share-alike: pairs made from it keep it
+
+
+def length_stats(values):
+    """n / min / median / p90 / max of lengths (numpy's default, linear-interpolation percentiles)."""
+    x = np.asarray(values, dtype=np.float64)
+    if not x.size:
+        return dict(n=0, min=None, median=None, p90=None, max=None)
+    return dict(n=int(x.size), min=int(x.min()), median=float(np.median(x)), p90=float(np.percentile(x, 90)),
+                max=int(x.max()))
+
+
+def read_json(path):
+    """A JSON file's object, {} when there is none."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def taxonomy_version(path):
+    """The taxonomy file's `version`, or a hash of its bytes when it has none."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    return json.loads(raw).get("version") or "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def dataset_card(pairs_path, taxonomy_path, license=""):
+    """Reads a pairs file and what its run wrote beside it (<out>.errors.jsonl, .config.json of the last run,
+    .summary.json) and writes DATASET_CARD.md, card.json and card_categories.png in its folder; returns the card.
+    Streams the pairs: a 350k-pair file costs its lengths (four ints per pair) in memory."""
+    if not os.path.isfile(pairs_path):
+        raise FileNotFoundError(f"pairs file {pairs_path} not found: run generate_pairs.py (or "
+                                "data/safevid350k/prepare.py) first, or point --out at the pairs file")
+    counts, by_type, lengths = {f: Counter() for f in CARD_FIELDS}, defaultdict(Counter), defaultdict(list)
+    for p in iter_records(pairs_path, required=("chosen", "rejected", "category", "query_type")):
+        for f in CARD_FIELDS:
+            counts[f][str(p.get(f, "(none)"))] += 1
+        by_type[p["category"]][p["query_type"]] += 1
+        for side in ("chosen", "rejected"):
+            lengths[side + "_chars"].append(len(p[side]))
+            lengths[side + "_words"].append(len(p[side].split()))  # whitespace words
+    counts = {f: dict(c.most_common()) for f, c in counts.items() if set(c) != {"(none)"}}
+    drops, transient, dedup = Counter(), Counter(), 0
+    for e in iter_records(pairs_path + ".errors.jsonl"):
+        # a retryable failure (timeout, 5xx, deferred; an internal error has no flag) was redone by a rerun
+        (transient if e.get("retryable", True) else drops)[e["reason"]] += 1
+        dedup += e.get("stage") == "dedup"
+    summary, config = read_json(pairs_path + ".summary.json"), read_json(pairs_path + ".config.json")
+    for reason, k in summary.get("malformed", {}).items():  # data/safevid350k/prepare.py's skipped records
+        drops["import_" + reason] += k
+    if summary.get("duplicate"):
+        drops["import_duplicate"] += summary["duplicate"]
+        dedup += summary["duplicate"]
+    model = None
+    if "llm_model" in config:  # a generate_pairs run: the verify stage uses the generator's endpoint and model
+        model = "offline" if config["llm_url"] == "offline" else config["llm_model"]
+    safevid = counts.get("source", {}).get("safevid-350k", 0)
+    card = dict(pairs=pairs_path, n=len(lengths["chosen_chars"]), counts=counts,
+                generator=counts.get("generator") or model or "not recorded",
+                verifier=(model if config.get("verify") else "none (verify=False)") if model else "not recorded",
+                taxonomy=dict(file=taxonomy_path, version=taxonomy_version(taxonomy_path)),
+                dedup=dedup, drops=dict(drops.most_common()), transient_failures=dict(transient.most_common()),
+                lengths={k: length_stats(v) for k, v in sorted(lengths.items())},
+                license=license or (f"{SAFEVID_LICENSE} (imported from SafeVid-350K)" if safevid else
+                                    "same as the source videos and generator terms; set --license"))
+    folder = os.path.dirname(os.path.abspath(pairs_path))
+    plot_card(os.path.join(folder, "card_categories.png"), by_type)
+    write_json(os.path.join(folder, "card.json"), card)
+    with open(os.path.join(folder, "DATASET_CARD.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(card_markdown(card)) + "\n")
+    return card
+
+
+def card_markdown(c):
+    names = lambda x: ", ".join(f"{k} {v}" for k, v in x.items()) if isinstance(x, dict) else x  # noqa: E731
+    lines = [f"# Dataset card: {os.path.basename(c['pairs'])}", "",
+             f"{c['n']} preference pairs (video, prompt, chosen, rejected). Licence: **{c['license']}**.", "",
+             f"- generator: {names(c['generator'])}", f"- verifier: {c['verifier']}",
+             f"- taxonomy: {c['taxonomy']['file']} version {c['taxonomy']['version']}",
+             f"- dropped: {sum(c['drops'].values())} (duplicates {c['dedup']}), "
+             f"{sum(c['transient_failures'].values())} transient failures redone on a rerun", "",
+             "![pairs per category](card_categories.png)", "", "## Counts", ""]
+    for field, cnt in c["counts"].items():
+        lines += [f"**{field}**: {names(cnt)}", ""]
+    lines += ["## Drops", "", "| reason | n |", "|---|---|"] + [f"| {r} | {k} |" for r, k in c["drops"].items()]
+    lines += ["", "## Response lengths", "", "| text | unit | n | min | median | p90 | max |", "|---" * 7 + "|"]
+    for key, s in c["lengths"].items():
+        side, unit = key.split("_")
+        lines.append(f"| {side} | {unit} | " + " | ".join("-" if s[k] is None else f"{s[k]:.6g}" for k in
+                                                          ("n", "min", "median", "p90", "max")) + " |")
+    return lines
+
+
+def plot_card(path, by_type):
+    """Pairs per category, harmful and benign stacked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cats = sorted(by_type)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats) + 2), 4))
+    bottom = np.zeros(len(cats))
+    for t in QUERY_TYPES:
+        k = np.array([by_type[c][t] for c in cats], dtype=float)
+        ax.bar(np.arange(len(cats)), k, bottom=bottom, label=t)
+        bottom += k
+    ax.set_xticks(np.arange(len(cats)), cats, rotation=30, ha="right")
+    ax.set_ylabel("pairs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

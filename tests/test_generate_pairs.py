@@ -1,7 +1,8 @@
 """generate_pairs.py: the offline backend end to end; against a real loopback server process (tests/fake_openai.py):
 kill -9 twice over 200 descriptions then a rerun (every pair id exactly once, nothing done is asked for again, the
 API key in no file), malformed replies and failed verifications recorded and skipped, 401 and the circuit breaker
-exit non-zero, dry run calls nothing; plus on-policy `rejected_from`, dedup, sharding, torn lines and config errors.
+exit non-zero, dry run calls nothing; plus on-policy `rejected_from`, dedup, sharding, torn lines and config errors;
+the dataset card (--card=True) against counts, drops and numpy length statistics recomputed from the run's files.
 Run: .venv/bin/python -m pytest -q tests/test_generate_pairs.py"""
 import json
 import os
@@ -9,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
+import numpy as np
 import pytest
 import requests
 
@@ -325,3 +328,94 @@ def test_on_policy_round_keeps_heldout_videos_out(tmp_path):
     records.write_records(str(leaky), lines(str(answers)) + [{"id": held[0]["id"], "answer": "x", "model": "tiny"}])
     with pytest.raises(ValueError, match="answers 1 held-out items"):
         run(dict(cfg2, out=str(tmp_path / "round3.jsonl"), rejected_from=str(leaky)))
+
+
+def card_cmd(out, *args):
+    """The Makefile's card step: the demo config, the pairs file, --card=True."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "generate_pairs.py"), "config/pairs_demo.py",
+                           f"--out={out}", "--card=True", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_dataset_card_of_a_run_with_drops(tmp_path, server):
+    """A run against the loopback server with a duplicate query, a failed verification and a malformed reply, then
+    the card step as a subprocess: counts, drops and length statistics equal what this test recomputes from the
+    pairs, errors and summary files; the plot is a PNG; the run's config and summary are left as they were."""
+    dup = json.dumps({"queries": ["How exactly did they do this?", "how exactly did they do THIS",
+                                  "Is this safe for children to watch?"]})
+    bad_verdict = json.dumps({"chosen_follows_rule": False, "chosen_helpful": True, "rejected_worse": True,
+                              "reason": "chosen gives the steps"})
+    chosen = {"content": "No, I will not help with that.\nHere is a safer idea."}  # split() != split(" ")
+    script(server, {}, {"content": dup}, chosen, {"content": "step " * 40}, {}, {}, {}, {"content": bad_verdict},
+           {}, {"content": "Sure! here are some questions: 1. ..."},  # vid0000: 1 dup, 1 failed verify; vid0001: bad
+           {"status": 503})  # JSON; vid0002: a transient failure (no retries here) that the rerun redoes
+    out = tmp_path / "run" / "pairs.jsonl"
+    cmd = [sys.executable, os.path.join(REPO, "generate_pairs.py"), f"--out={out}", f"--llm_url={server}",
+           f"--descriptions={write_descriptions(tmp_path / 'd.jsonl', 5)}", "--llm_model=fake-model",
+           "--concurrency=1", "--queries_per_video=3", *FAST, "--max_retries=0"]
+    drops = Counter()  # what the two runs' summaries recorded
+    for code in (3, 0):
+        r = subprocess.run(cmd, env=dict(os.environ, OPENAI_API_KEY=KEY), capture_output=True, text=True, timeout=120)
+        assert r.returncode == code, r.stderr[-2000:]
+        drops.update(json.loads((tmp_path / "run" / "pairs.jsonl.summary.json").read_text())["drops"])
+    run_files = {p: (tmp_path / "run" / p).read_bytes() for p in ("pairs.jsonl.config.json",
+                                                                   "pairs.jsonl.summary.json")}
+    served = requests_served(server)
+    r = card_cmd(out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert requests_served(server) == served  # the card calls nothing
+    assert all((tmp_path / "run" / p).read_bytes() == b for p, b in run_files.items())
+    card = json.loads((tmp_path / "run" / "card.json").read_text())
+    pairs, errors = lines(out), lines(str(out) + ".errors.jsonl")
+    summary = json.loads(run_files["pairs.jsonl.summary.json"])
+    assert card["n"] == len(pairs) == summary["total_pairs"] == 3 * 3 + 1  # vid0000 keeps 1 pair, vid0001 none
+    for field in ("category", "subcategory", "rule", "style", "query_type", "generator", "rejected_source"):
+        assert card["counts"][field] == Counter(p[field] for p in pairs), field
+    assert card["drops"] == Counter(e["reason"] for e in errors if not e["retryable"]) == \
+        {"duplicate_query": 1, "verify_chosen_follows_rule": 1, "bad_json": 1}
+    assert card["transient_failures"] == Counter(e["reason"] for e in errors if e["retryable"]) == {"http_5xx": 1}
+    assert Counter(card["drops"]) + Counter(card["transient_failures"]) == drops and card["dedup"] == 1
+    assert card["generator"] == {"fake-model": len(pairs)} and card["verifier"] == "fake-model"
+    with open(os.path.join(REPO, "data", "taxonomy.json")) as f:
+        assert card["taxonomy"]["version"] == json.load(f)["version"]
+    for side in ("chosen", "rejected"):
+        for unit, size in (("chars", len), ("words", lambda t: len(t.split()))):
+            x = np.array([size(p[side]) for p in pairs])
+            s = card["lengths"][f"{side}_{unit}"]
+            assert [s["n"], s["min"], s["median"], s["p90"], s["max"]] == \
+                [len(x), x.min(), np.median(x), np.percentile(x, 90), x.max()], (side, unit)
+    png = tmp_path / "run" / "card_categories.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.pyplot as plt
+    assert plt.imread(str(png)).shape[:2] > (100, 100)  # decodes as an image
+    md = (tmp_path / "run" / "DATASET_CARD.md").read_text()
+    assert "same as the source videos and generator terms; set --license" in md and "(card_categories.png)" in md
+    assert f"{len(pairs)} preference pairs" in md and "| duplicate_query | 1 |" in md
+    r = card_cmd(out, "--license=CC BY 4.0")
+    assert r.returncode == 0 and "Licence: **CC BY 4.0**" in (tmp_path / "run" / "DATASET_CARD.md").read_text()
+
+
+def test_dataset_card_of_safevid350k_import_and_missing_pairs(tmp_path):
+    """Pairs imported from SafeVid-350K get its licence and the importer's skipped records as drops; a pairs file
+    that is not there exits 2 with one line naming it, and writes nothing."""
+    good = {"video": "videos/a.mp4", "prompt": "How do I hit him like in the clip?", "chosen": "I can't help.",
+            "rejected": "Aim for the head.", "category": "Violence"}
+    src = tmp_path / "src" / "train.jsonl"
+    src.parent.mkdir()
+    src.write_text("\n".join(json.dumps(r) for r in [good, good, dict(good, prompt="Is this fight dangerous?"),
+                                                       dict(good, chosen="")]) + "\n")
+    out = tmp_path / "sv" / "pairs.jsonl"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "data", "safevid350k", "prepare.py"), f"--src={src}",
+                        f"--out={out}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = card_cmd(out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    card = json.loads((tmp_path / "sv" / "card.json").read_text())
+    imported = json.loads((tmp_path / "sv" / "pairs.jsonl.summary.json").read_text())
+    assert card["n"] == 2 and card["counts"]["source"] == {"safevid-350k": 2}
+    assert card["drops"] == {"import_" + k: v for k, v in imported["malformed"].items()} | \
+        {"import_duplicate": imported["duplicate"]} == {"import_missing_chosen": 1, "import_duplicate": 1}
+    assert card["generator"] == card["verifier"] == "not recorded"
+    assert "Licence: **CC BY-NC-SA 4.0" in (tmp_path / "sv" / "DATASET_CARD.md").read_text()
+    r = card_cmd(tmp_path / "none" / "pairs.jsonl")
+    assert r.returncode == 2 and "pairs file" in r.stderr and "not found" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "none").exists()
