@@ -12,8 +12,10 @@ $(VENV)/.runtime: requirements.txt
 	$(PIP) -r requirements.txt
 	touch $@
 
+# (`kernels` is removed if an older install left it: the HF package of that name shadows / is shadowed by kernels.py)
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) -r requirements-dev.txt
+	$(PY) -m pip uninstall --yes --quiet kernels 2>/dev/null || true
 	touch $@
 
 test: $(VENV)/.dev
