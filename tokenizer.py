@@ -181,11 +181,13 @@ class LlamaBPE:
     def encode(self, segment, at_start):
         """One non-empty segment between (raw-matched) added tokens -> ids. `at_start`: it begins at offset 0."""
         if self.prepend_scheme == "legacy":
-            parts = [_legacy_normalize(segment)]
-            parts = self._split_normalized.split(parts[0]) if self._split_normalized else parts
+            text = _legacy_normalize(segment)
             ids = []
-            for k, part in enumerate(parts):  # odd entries are the normalized added tokens
-                ids.extend([self.normalized[part]] if k % 2 else self._word(part) if part else [])
+            for k, part in enumerate(self._split_normalized.split(text) if self._split_normalized else [text]):
+                if k % 2:  # odd entries are the normalized added tokens
+                    ids.append(self.normalized[part])
+                elif part:
+                    ids.extend(self._word(part))
             return ids
         segment = segment.replace(" ", METASPACE)
         if (self.prepend_scheme == "always" or (self.prepend_scheme == "first" and at_start)) \
