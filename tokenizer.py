@@ -15,10 +15,12 @@ Why this is exact (checked by tests/test_tokenizer.py against `tokenizers`):
 - HF matches added tokens (`normalized=false`) on the raw text and normalizes only what lies between them, so we split
   on the added tokens first and apply NFC per segment (NFC over the whole string breaks `<image>` + U+0338).
 
-The Llama/Vicuna tokenizer of llava_next_video (Metaspace "▁", byte fallback to <0xNN>, BOS `<s>`) is not byte-level:
+The Llama/Vicuna tokenizer of llava_next_video ("▁" for space, byte fallback to <0xNN>, BOS `<s>`) is not byte-level:
 tiktoken's lowest-rank-result rule cannot rebuild "▁" from bytes and confuses <0x61> with "a", so `LlamaBPE`
-implements `tokenizers`' merge rule directly (lowest merge index, leftmost first) and is exact by construction;
-tests/test_tokenizer_llama.py checks it against `tokenizers` and transformers' LlamaTokenizer.
+implements `tokenizers`' merge rule directly (lowest merge index, leftmost first) and is exact by construction, for
+both layouts of that tokenizer: the current one (Metaspace pre-tokenizer) and the legacy one of older Llama-2/Vicuna
+files (normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer); tests/test_tokenizer_llama.py checks both
+against `tokenizers`, and the current one against transformers' LlamaTokenizer.
 """
 
 import heapq
@@ -128,10 +130,15 @@ def _byte_piece(piece):
 class LlamaBPE:
     """Exact by construction: the merge rule of `tokenizers`' BPE model written out, not emulated with tiktoken.
 
-    Per text segment between added tokens (Metaspace(prepend_scheme="first", split=false), no normalizer):
-    1. " " -> "▁"; the segment at character offset 0 gets one leading "▁" unless it already starts with one.
-    2. The whole segment is one BPE word. Its initial symbols are its characters' ids; a character not in the vocab
-       becomes the ids of its UTF-8 bytes `<0xNN>` (byte fallback).
+    Per text segment between added tokens:
+    1. " " -> "▁", and a leading "▁": with Metaspace(prepend_scheme="first", split=false) and no normalizer, only
+       the segment at character offset 0 gets one, unless it already starts with one. With the legacy normalizer
+       Sequence[Prepend("▁"), Replace(" ", "▁")] every non-empty segment gets one, even after an added token or
+       before a "▁" ("a<video>b" -> "▁a", <video>, "▁b"); added tokens marked normalized=true are then matched in
+       that normalized text as their normalized content ("<s>" as "▁<s>", so " <s>" matches but "a<s>" does not).
+    2. The whole segment (legacy: each piece between normalized added tokens) is one BPE word. Its initial symbols
+       are its characters' ids; a character not in the vocab becomes the ids of its UTF-8 bytes `<0xNN>` (byte
+       fallback).
     3. Repeatedly merge the adjacent pair with the lowest index in `merges`, leftmost first on ties (a heap of
        (rank, position), stale entries skipped: O(n log n) however long the segment).
     Speed without changing the result: a boundary between characters x and y can only be crossed by a merge if
@@ -139,11 +146,18 @@ class LlamaBPE:
     holds the bigram there (`self._cut`); the chunks (≈ words) are merged independently and cached.
     """
 
-    def __init__(self, vocab, merges, prepend_scheme="first", ignore_merges=False, added=None):
+    def __init__(self, vocab, merges, prepend_scheme="first", ignore_merges=False, added=None, normalized=None):
         self.vocab = vocab                                  # {piece: id}
         self.pieces = {i: p for p, i in vocab.items()}      # id -> piece
         self.pieces.update({i: p for p, i in (added or {}).items()})  # added tokens decode through the same chain
-        self.prepend_scheme, self.ignore_merges = prepend_scheme, ignore_merges
+        self.prepend_scheme, self.ignore_merges = prepend_scheme, ignore_merges  # prepend_scheme "legacy": see 1.
+        # legacy: {added token: id} of those matched after normalizing; tokenizers also decodes them as the
+        # normalized string ("▁<s>"), which its skip_special_tokens then does not recognize as special
+        self.normalized_tokens = set(normalized or ())      # their raw strings, which the raw split leaves alone
+        self.normalized = {_legacy_normalize(t): i for t, i in (normalized or {}).items()}
+        self.pieces.update({i: p for p, i in self.normalized.items()})
+        longest = sorted(self.normalized, key=len, reverse=True)  # leftmost-longest, as the raw split
+        self._split_normalized = re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
         self.byte_ids = [vocab[f"<0x{b:02X}>"] for b in range(256)]
         self.merges = {}                                    # (left id, right id) -> (rank, merged id)
         bigrams, byte_merge = set(), False
@@ -165,15 +179,28 @@ class LlamaBPE:
         self._cache = {}                                    # chunk -> tuple of ids
 
     def encode(self, segment, at_start):
-        """One segment between added tokens -> ids. `at_start`: the segment begins at offset 0 of the text."""
+        """One non-empty segment between (raw-matched) added tokens -> ids. `at_start`: it begins at offset 0."""
+        if self.prepend_scheme == "legacy":
+            text = _legacy_normalize(segment)
+            ids = []
+            for k, part in enumerate(self._split_normalized.split(text) if self._split_normalized else [text]):
+                if k % 2:  # odd entries are the normalized added tokens
+                    ids.append(self.normalized[part])
+                elif part:
+                    ids.extend(self._word(part))
+            return ids
         segment = segment.replace(" ", METASPACE)
         if (self.prepend_scheme == "always" or (self.prepend_scheme == "first" and at_start)) \
                 and not segment.startswith(METASPACE):
             segment = METASPACE + segment
-        if self.ignore_merges and segment in self.vocab:
-            return [self.vocab[segment]]
+        return self._word(segment)
+
+    def _word(self, word):
+        """One BPE word (already "▁"-encoded) -> ids."""
+        if self.ignore_merges and word in self.vocab:
+            return [self.vocab[word]]
         ids, cache = [], self._cache
-        for chunk in (self._cut.split(segment) if self._cut else [segment]):
+        for chunk in (self._cut.split(word) if self._cut else [word]):
             hit = cache.get(chunk)
             if hit is None:
                 hit = self._bpe(chunk)
@@ -246,6 +273,11 @@ class LlamaBPE:
         return text[1:] if text.startswith(" ") else text
 
 
+def _legacy_normalize(text):
+    """The legacy Llama normalizer Sequence[Prepend("▁"), Replace(" ", "▁")]; Prepend skips the empty string."""
+    return METASPACE + text.replace(" ", METASPACE) if text else text
+
+
 def _utf8_or_replacement(run):
     try:
         return bytes(run).decode("utf-8")
@@ -253,15 +285,39 @@ def _utf8_or_replacement(run):
         return "\ufffd" * len(run)
 
 
+# the two layouts' normalizers and their shared decoder, as tokenizers writes them in tokenizer.json
+LEGACY_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": METASPACE}, {"type": "Replace", "pattern": {"String": " "}, "content": METASPACE}]}
+LLAMA_DECODER = {"type": "Sequence", "decoders": [
+    {"type": "Replace", "pattern": {"String": METASPACE}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+
+
+def _kind(step):
+    """A normalizer / pre-tokenizer / decoder entry named for an error message: "Sequence[Prepend, Replace]"."""
+    if not step:
+        return "none"
+    inner = step.get("normalizers", step.get("pretokenizers", step.get("decoders")))
+    return step.get("type") + (f"[{', '.join(_kind(x) for x in inner)}]" if inner is not None else "")
+
+
 def _llama_bpe(path, spec, added):
-    """tokenizer.json of the Llama family -> LlamaBPE, after checking it is the structure reproduced above."""
-    model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
-    if spec.get("normalizer") is not None:
-        _fail(path, f"a Metaspace tokenizer with normalizer {spec['normalizer'].get('type')!r} (the legacy Llama "
-                    "layout; re-save it with transformers' LlamaTokenizer(legacy=False))")
-    if pre.get("replacement") != METASPACE or pre.get("split") or pre.get("prepend_scheme") not in (
-            "first", "always", "never"):
-        _fail(path, f"Metaspace {pre} is not replacement='▁', split=false, prepend_scheme first/always/never")
+    """tokenizer.json of the Llama family -> LlamaBPE, after checking it is one of the structures reproduced above."""
+    model, pre, normalizer = spec.get("model", {}), spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    if normalizer == LEGACY_NORMALIZER and not pre:
+        scheme = "legacy"
+    elif normalizer is None and pre.get("type") == "Metaspace":
+        if pre.get("replacement") != METASPACE or pre.get("split") or pre.get("prepend_scheme") not in (
+                "first", "always", "never"):
+            _fail(path, f"Metaspace {pre} is not replacement='▁', split=false, prepend_scheme first/always/never")
+        scheme = pre["prepend_scheme"]
+    else:
+        _fail(path, f"normalizer {_kind(normalizer)} with pre_tokenizer {_kind(pre)} is neither Llama layout "
+                    "(no normalizer + Metaspace, or the legacy Llama normalizer Sequence[Prepend('▁'), "
+                    "Replace(' ', '▁')] + no pre_tokenizer)")
+    if spec.get("decoder") != LLAMA_DECODER:
+        _fail(path, f"decoder {_kind(spec.get('decoder'))} is not the Llama decoder "
+                    "Sequence[Replace('▁', ' '), ByteFallback, Fuse, Strip(' ', 1, 0)]")
     if model.get("type") != "BPE" or not model.get("byte_fallback") or model.get("dropout") \
             or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         _fail(path, "the model is not a plain BPE with byte_fallback=true")
@@ -273,7 +329,9 @@ def _llama_bpe(path, spec, added):
     for k, m in enumerate(merges):
         if len(m) != 2 or m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab:
             raise ValueError(f"{path}: merge {k} {m} names a piece that is not in the vocab; the file is corrupt")
-    return LlamaBPE(vocab, merges, pre["prepend_scheme"], bool(model.get("ignore_merges")), added)
+    normalized = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("normalized")}
+    return LlamaBPE(vocab, merges, scheme, bool(model.get("ignore_merges")), added,
+                    normalized if scheme == "legacy" else None)  # without a normalizer, one raw split is the same
 
 
 class Tokenizer:
@@ -284,12 +342,14 @@ class Tokenizer:
         self.enc = enc                  # tiktoken.Encoding (ranks = token ids) for byte-level BPE, else None
         self.llama = llama              # LlamaBPE for the SentencePiece-style family, else None
         self.normalize = normalize      # "NFC" or None, applied per segment between added tokens
-        self.special = special          # {added-token string: id}, all matched in raw text
+        self.special = special          # {added-token string: id}, matched in raw text (but see LlamaBPE's legacy)
         self.family = family
         self._skip_ids = set(special.values()) if skip_ids is None else set(skip_ids)  # those with special=true
-        # longest first: HF splits on added tokens leftmost-longest ("<|im_end|>" before a hypothetical "<|im")
-        alternatives = sorted(special, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if special else None
+        # longest first: HF splits on added tokens leftmost-longest ("<|im_end|>" before a hypothetical "<|im");
+        # the legacy Llama layout matches its normalized=true ones later, in the normalized text (LlamaBPE)
+        raw = [t for t in special if llama is None or t not in llama.normalized_tokens]
+        alternatives = sorted(raw, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if raw else None
         self.eos_id, self.stop_ids, self.pad_id = eos_id, tuple(stop_ids), pad_id
         self.video_token_id, self.image_token_id = video_token_id, image_token_id
         self.bos_id = bos_id            # prepended by encode_prompt (Llama's `<s> $A` post-processor), or None
@@ -311,18 +371,21 @@ class Tokenizer:
         with open(file, encoding="utf-8") as f:
             spec = json.load(f)
         normalizer = spec.get("normalizer")
-        metaspace = (spec.get("pre_tokenizer") or {}).get("type") == "Metaspace"
-        if normalizer is not None and normalizer.get("type") != "NFC" and not metaspace:
-            _fail(file, f"normalizer {normalizer.get('type')!r} (only NFC or none)")
+        # SentencePiece-style (Llama): a Metaspace pre-tokenizer, or the legacy layout's byte-fallback BPE
+        sentencepiece = (spec.get("pre_tokenizer") or {}).get("type") == "Metaspace" \
+            or (spec.get("model") or {}).get("byte_fallback")
+        if normalizer is not None and normalizer.get("type") != "NFC" and not sentencepiece:
+            _fail(file, f"normalizer {_kind(normalizer)} (only NFC or none)")
         added = spec.get("added_tokens", [])
         for t in added:
-            # without a normalizer (the Llama layout) "normalized" matches the same raw text, so it is harmless
-            if (t.get("normalized") and not metaspace) or t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+            # the Llama layouts: "normalized" is reproduced by LlamaBPE (legacy) or harmless (no normalizer)
+            if (t.get("normalized") and not sentencepiece) or t.get("lstrip") or t.get("rstrip") \
+                    or t.get("single_word"):
                 raise ValueError(f"{file}: added token {t['content']!r} uses normalized/lstrip/rstrip/single_word, "
                                  "which this tokenizer does not reproduce")
         special = {t["content"]: t["id"] for t in added}
         enc = llama = None
-        if metaspace:
+        if sentencepiece:
             llama = _llama_bpe(file, spec, special)
         else:
             ranks = _byte_level_ranks(file, spec.get("model", {}), set(special.values()))
@@ -371,10 +434,14 @@ class Tokenizer:
         stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
         pad_id = named(tok_config.get("pad_token"))
         pad_id = pad_id if pad_id is not None else special.get("<|endoftext|>", eos_id)
-        return cls(enc, "NFC" if normalizer else None, special, family=family, eos_id=eos_id, stop_ids=stop_ids,
-                   pad_id=pad_id, video_token_id=token_id("video_token", "<|video_pad|>" if qwen else "<video>"),
+        skip_ids = {t["id"] for t in added if t.get("special")}
+        if llama is not None:  # tokenizers' skip_special_tokens misses a normalized one (decoded as "▁<s>")
+            skip_ids -= set(llama.normalized.values())
+        return cls(enc, "NFC" if enc is not None and normalizer else None, special, family=family, eos_id=eos_id,
+                   stop_ids=stop_ids, pad_id=pad_id,
+                   video_token_id=token_id("video_token", "<|video_pad|>" if qwen else "<video>"),
                    image_token_id=token_id("image_token", "<|image_pad|>" if qwen else "<image>"),
-                   skip_ids={t["id"] for t in added if t.get("special")}, bos_id=bos_id, llama=llama)
+                   skip_ids=skip_ids, bos_id=bos_id, llama=llama)
 
     def encode(self, text):
         """text -> ids; added-token strings anywhere in the text become their ids (HF's add_special_tokens=False)."""

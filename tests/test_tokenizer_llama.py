@@ -7,7 +7,10 @@ The tokenizer under test is trained here with `tokenizers` in the Llama structur
 BPE(unk, byte_fallback, fuse_unk), specials <unk>,<s>,</s>,<0x00>..<0xFF> first, a small alphabet so that CJK and
 emoji need byte fallback, Metaspace(prepend_scheme="first") trained with split=true then switched to split=false,
 <video>/<image> added, `<s> $A`. A second one is trained with split=false throughout, so its merges span "▁" and
-exercise the chunking guard in LlamaBPE.
+exercise the chunking guard in LlamaBPE. The same recipe saved in the legacy Llama-2 layout (normalizer
+Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer) is checked against `tokenizers` too, with its added tokens raw
+(normalized=false, as in Llama-2) or normalized=true (<s>/<unk>/</s> as in older Llama files, a non-special <image>,
+a non-special "red car" with a space).
 Run: .venv/bin/python -m pytest -q tests/test_tokenizer_llama.py
 """
 
@@ -45,9 +48,9 @@ EDGE = ["", " ", "  ", "\n", "<video>", "<video>\nWhy?", " <video> ", "a<video>b
         "x" * 300, " " * 70 + "y", "ab" * 200]
 
 
-def corpus(n=400, seed=0):
+def corpus(n=400, seed=0, fragments=FRAGMENTS):
     rng = random.Random(seed)
-    return [("".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 12)))) for _ in range(n)] + EDGE
+    return [("".join(rng.choice(fragments) for _ in range(rng.randint(1, 12)))) for _ in range(n)] + EDGE
 
 
 def write_checkpoint_tokenizer(path, spec):
@@ -128,10 +131,19 @@ def test_decode_matches_tokenizers(llama):
 
 def test_bad_llama_files(tmp_path):
     spec = train_llama_tokenizer(TRAIN[:8])
-    legacy = dict(spec, normalizer={"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}]})
-    (tmp_path / "tokenizer.json").write_text(json.dumps(legacy))
-    with pytest.raises(ValueError, match="legacy Llama"):
-        Tokenizer.from_pretrained(str(tmp_path))
+    legacy = train_llama_tokenizer(TRAIN[:8], legacy=True)
+    prepend_only = dict(spec, normalizer={"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}]})
+    both = dict(legacy, pre_tokenizer=spec["pre_tokenizer"])  # the legacy normalizer and a Metaspace
+    underscore = json.loads(json.dumps(legacy))
+    underscore["normalizer"]["normalizers"][1]["content"] = "_"
+    for bad, name in ((prepend_only, r"normalizer Sequence\[Prepend\] with pre_tokenizer Metaspace"),
+                      (both, r"normalizer Sequence\[Prepend, Replace\] with pre_tokenizer Metaspace"),
+                      (underscore, r"normalizer Sequence\[Prepend, Replace\] with pre_tokenizer none"),
+                      (dict(legacy, decoder={"type": "Metaspace"}), "decoder Metaspace is not the Llama decoder"),
+                      (dict(spec, decoder=None), "decoder none is not the Llama decoder")):
+        (tmp_path / "tokenizer.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=name):
+            Tokenizer.from_pretrained(str(tmp_path))
     no_bytes = json.loads(json.dumps(spec))
     no_bytes["model"]["vocab"].pop("<0x41>")
     (tmp_path / "tokenizer.json").write_text(json.dumps(no_bytes))
@@ -321,3 +333,76 @@ def test_ignore_merges(tmp_path):
     texts = pieces + [p.lstrip() for p in pieces] + corpus(100, seed=6) + ["zqx", " zqx", "<video>q z", "zqx zqx"]
     assert tok.encode("zqx") == [first] and tok.encode("<video>q z")[1:] == [first + 1]
     assert [t for t in texts if tok.encode(t) != ref.encode(t, add_special_tokens=False).ids] == []
+
+
+# -----------------------------------------------------------------------------
+# the legacy Llama-2 layout: normalizer Sequence[Prepend("▁"), Replace(" ", "▁")], no pre-tokenizer
+
+LEGACY_FRAGMENTS = FRAGMENTS + ["red car", " red car", "red  car", "ared car", "red car>", "\t\t", "  \n  ", "2024",
+                                "1 2 3", "<s> ", " <s>", " </s>", " <image>", " <unk>"]
+LEGACY_EDGE = ["a", "nospaces", " lead", "trail ", "a  b", "   ", "\t", "\n\n", "<s>", " <s>", "a<s>", "a <s>b", "▁<s>",
+               "<video><s>", "<video> <s>", "<video>b", "a<video>", "<image>", " <image>", "x<image>", "red car",
+               " red car", "<video>red car", "12 34", "中文 😀", "<s>😀</s>"]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["raw-added", "normalized-added"])
+def legacy(request, tmp_path_factory):
+    """(directory, tokenizers oracle); normalized-added marks <unk>/<s>/</s> normalized=true, makes <image> a
+    normalized non-special token and adds a normalized non-special "red car" (merges span "▁" in this one)."""
+    spec = train_llama_tokenizer(TRAIN + corpus(100, seed=9), split_words=not request.param, legacy=True)
+    if request.param:
+        for t in spec["added_tokens"]:
+            t["normalized"] = t["content"] in ("<unk>", "<s>", "</s>", "<image>")
+            t["special"] = t["content"] != "<image>"
+        fresh = max(list(spec["model"]["vocab"].values()) + [t["id"] for t in spec["added_tokens"]]) + 1
+        spec["added_tokens"].append(dict(spec["added_tokens"][-1], id=fresh, content="red car", special=False,
+                                         normalized=True))
+    d = write_checkpoint_tokenizer(tmp_path_factory.mktemp("legacy"), spec)
+    return d, tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+
+
+def legacy_corpus(n=600, seed=10):
+    return corpus(n, seed, LEGACY_FRAGMENTS) + LEGACY_EDGE
+
+
+def test_legacy_encode_matches_tokenizers(legacy):
+    """ids equal tokenizers' with add_special_tokens=False (encode) and =True (BOS + encode; encode_prompt)."""
+    d, ref = legacy
+    tok = Tokenizer.from_pretrained(str(d))
+    assert tok.llama.prepend_scheme == "legacy"
+    texts = legacy_corpus()
+    assert [t for t in texts if tok.encode(t) != ref.encode(t, add_special_tokens=False).ids] == []
+    assert [t for t in texts if [tok.bos_id] + tok.encode(t) != ref.encode(t).ids] == []
+    video = [t for t in texts if "<video>" in t]
+    assert len(video) > 50 and [t for t in video if tok.encode_prompt(t, 1) != ref.encode(t).ids] == []
+    assert tok.bos_id == 1 and tok.eos_id == 2 and tok.video_token_id == ref.token_to_id("<video>")
+    # the corpus exercises what it claims: byte fallback; the "▁" Prepend adds after an added token ("b" alone is
+    # "▁b" there, unlike the Metaspace layout); normalized added tokens matched (" <s>") and, where the text before
+    # them is not a space, not ("ared car": "red car" has an id past the BPE vocab, which BPE cannot yield)
+    ids = [i for t in texts for i in tok.encode(t)]
+    assert any(3 <= i < 259 for i in ids), "no byte-fallback token in the corpus"
+    assert "".join(ref.encode("<video>b", add_special_tokens=False).tokens[1:]) == "▁b"
+    assert tok.encode("<video>b")[1:] == tok.encode("b")
+    s = tok.special["<s>"]
+    if tok.llama.normalized:
+        assert tok.encode(" <s>")[-1] == s
+        red_car = tok.special["red car"]
+        assert tok.encode("red car") == [red_car] and red_car not in tok.encode("ared car")
+    else:
+        assert tok.encode("a<s>")[-1] == s
+
+
+def test_legacy_decode_matches_tokenizers(legacy):
+    """decode equals tokenizers' with skip_special_tokens both ways (a normalized special token decodes as its
+    normalized piece and is not skipped, as tokenizers does); plain text round-trips."""
+    d, ref = legacy
+    tok = Tokenizer.from_pretrained(str(d))
+    texts = legacy_corpus(seed=12)
+    bad = [(t, skip) for t in texts for skip in (False, True)
+           if tok.decode(tok.encode(t), skip_special=skip) != ref.decode(tok.encode(t), skip_special_tokens=skip)]
+    assert bad == []
+    plain = [t for t in texts if "<" not in t and "▁" not in t and "red car" not in t]
+    assert len(plain) > 100 and [t for t in plain if tok.decode(tok.encode(t)) != t] == []
+    emoji = tok.encode("x😀")
+    cut = emoji[:-1] + [tok.vocab_size]
+    assert tok.decode(cut) == ref.decode(cut) and "\ufffd" in tok.decode(cut)

@@ -121,18 +121,23 @@ def train_qwen2_tokenizer(texts, vocab_size):
     return tk
 
 
-def train_llama_tokenizer(texts, vocab_size=400, limit_alphabet=40, split_words=True):
+def train_llama_tokenizer(texts, vocab_size=400, limit_alphabet=40, split_words=True, legacy=False):
     """A Llama-structured tokenizer.json dict: BPE(unk, byte_fallback, fuse_unk), <unk>,<s>,</s>,<0x00>..<0xFF> as
     ids 0..258, a small alphabet (other characters fall back to bytes), Metaspace(prepend_scheme="first") trained
-    with split=`split_words` and saved with split=false, <video>/<image> added after the vocab, `<s> $A`."""
+    with split=`split_words` and saved with split=false, <video>/<image> added after the vocab, `<s> $A`.
+    legacy: saved in the older Llama-2 layout instead, normalizer Sequence[Prepend("▁"), Replace(" ", "▁")] and no
+    pre-tokenizer (same vocab and merges)."""
     import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
     tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=split_words)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"] + LLAMA_BYTES,
                                   limit_alphabet=limit_alphabet, show_progress=False)
     tk.train_from_iterator(texts, trainer)
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    if legacy:
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tk.pre_tokenizer = None
     tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(" ", 1, 0)])
     tk.add_special_tokens(["<video>", "<image>"])
