@@ -550,6 +550,9 @@ def vision_bytes(c, cfg, cast, A):
     v, t = c.vision, c.text
     if not (cfg["train_vision"] or cfg["train_projector"]):
         return 0
+    if c.family == "qwen2_5_vl":
+        raise ValueError("the memory plan estimates a training vision tower for the LLaVA families only; plan "
+                         "qwen2_5_vl with train_vision=False and train_projector=False")
     patches = v.grid ** 2 + (v.kind == "clip")
     total = patches * A * (v.hidden_size * len(c.feature_layers) + 2 * t.hidden_size)  # linear_1 in, gelu in, out
     if cfg["train_vision"]:  # per block: x, LN out (a cast per linear), q k v o, o for out_proj, x', LN out, fc1, gelu
@@ -560,7 +563,8 @@ def vision_bytes(c, cfg, cast, A):
 
 
 def plan(cfg, quiet=False):
-    """Per-GPU memory of one training step of `cfg` -> dict of bytes, printed as a table (GiB) with AC off and on.
+    """Per-GPU memory of one training step of `cfg` -> dict of bytes (components, totals with activation
+    checkpointing off and on, max_batch_size[_checkpointed] under gpu_memory_gb), printed as a table in GiB.
     A micro-batch is batch_size pairs, each its own row of max_len tokens whose responses fill what the video leaves
     (pairs of distinct videos: the worst case with or without group_by_video, whose rows max_len caps too). Device
     "cpu" plans fp32 and the reference attention; a GPU plans cfg's dtype (autocast, or FSDP2's bf16 parameters)."""
@@ -587,10 +591,11 @@ def plan(cfg, quiet=False):
                gradients=4 * n_train / shard, optimizer=8 * n_train / shard)  # grads fp32; AdamW m and v fp32
     if cfg["fsdp"]:  # FSDP2 keeps the root gathered from forward to backward, plus a layer and the next in flight
         root = sum(p.numel() for p in params) - sum(p.numel() for p in layers.parameters())
-        out["weight_copies"] = A * (root + 2 * sum(p.numel() for p in layers[0].parameters())) if world > 1 else 0
+        out["weight_copies"] = A * (root + 2 * sum(p.numel() for p in layers[0].parameters()))
     else:  # autocast keeps a bf16 copy of each fp32 weight a matmul with gradients uses, until backward
         used = [*layers.parameters(), vlm.lm_head_weight]
-        used += [p for p in [*vlm.vision_tower.parameters(), *vlm.multi_modal_projector.parameters()] if p.requires_grad]
+        vision = [*vlm.vision_tower.parameters(), *vlm.multi_modal_projector.parameters()]
+        used += [p for p in vision if p.requires_grad]
         out["weight_copies"] = cast * 2 * sum(p.numel() for p in used if p.ndim >= 2 and p.dtype == torch.float32)
     out["reference"] = 4 * sum(p.numel() for p in params) / shard if cfg["ref"] == "live" and not cfg["lora_rank"] \
         else 0  # a second fp32 model; LoRA's reference is the same model with its adapters off
@@ -598,11 +603,11 @@ def plan(cfg, quiet=False):
     if P >= T:
         raise ValueError(f"max_len={T} leaves no room for responses after {P} video tokens; raise max_len")
     kv = (T + P) / T if not gpu or cfg["attn_impl"] == "sdpa" else 1.0
-    norm_grad = not cfg["lora_rank"]
-    layer = layer_bytes(t, cast, R, A, kv, norm_grad, cfg["lora_rank"]) * T  # one row
-    embed_grad = norm_grad and (config.tie_word_embeddings or not cfg["lora_rank"])
-    row = T * (8 * embed_grad + 1 + t.hidden_size * (4 + R * norm_grad) + 4) \
-        + (T - P) * (t.hidden_size * A + 28) + cfg["num_frames"] * vision_bytes(config, cfg, cast, A)
+    base = not cfg["lora_rank"]  # the base weights train: the embedding keeps its ids, the norms x·rsqrt
+    layer = layer_bytes(t, cast, R, A, kv, base, cfg["lora_rank"]) * T  # one row
+    row = T * (8 * base + 1 + t.hidden_size * (4 + R * base) + 4) \
+        + (T - P) * (t.hidden_size * A + 32) + cfg["num_frames"] * vision_bytes(config, cfg, cast, A)
+    # ^ per token: ids, the video mask, the final norm; per response token: its hidden row in A, indices, log-probs
     dc = _default_chunk(t.vocab_size, torch.device("cuda" if gpu else "cpu"))
     fixed = sum(out.values())
 
@@ -633,7 +638,7 @@ def print_plan(out, cfg, config):
     print(f"memory plan per GPU (GiB) for {config.family} at batch_size={out['rows']} x max_len={cfg['max_len']} "
           f"({out['response_tokens']} response tokens), num_frames={cfg['num_frames']}, "
           f"{'fsdp over ' + str(out['world']) + ' GPUs' if cfg['fsdp'] else 'no fsdp'}, lora_rank={cfg['lora_rank']}, "
-          f"ref={cfg['ref']}, device={cfg['device']}, dtype={cfg['dtype']}")
+          f"ref={cfg['ref']}, {'CPU fp32' if cfg['device'] == 'cpu' else 'GPU ' + cfg['dtype']}")
     print(f"{'':32}{'AC off':>10}{'AC on':>10}")
     for key, name in (("parameters", "parameters"), ("gradients", "gradients (fp32)"),
                       ("optimizer", "AdamW m + v (fp32)"), ("weight_copies", "bf16 weight copies"),

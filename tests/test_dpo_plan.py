@@ -38,11 +38,13 @@ def tiny_config(tie=True):
 
 
 # LLaVA-OneVision-7B's shape (llava-hf/llava-onevision-qwen2-7b-ov-hf): Qwen2-7B LM, SigLIP so400m tower. Written out
-# here so the example needs no download; vocab 152064 is the padded embedding size of the hub checkpoint.
+# here so the example needs no download; vocab 152064 is the padded embedding size of the hub checkpoint. SigLIP
+# so400m has 27 blocks; the hub config keeps 26 (LLaVA reads the penultimate block), which gives the model card's
+# 8.03B parameters (test_llava_7b_example checks that count).
 OV7B = {"model_type": "llava_onevision", "video_token_index": 151647, "image_token_index": 151646,
         "tie_word_embeddings": False, "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
         "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-                          "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14},
+                          "num_hidden_layers": 26, "num_attention_heads": 16, "image_size": 384, "patch_size": 14},
         "text_config": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
                         "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                         "rope_theta": 1e6, "tie_word_embeddings": False}}
@@ -118,7 +120,7 @@ def measure(cfg, monkeypatch, recomputed=None):
     optimizer.step()
     out = dict(parameters=sum(p.nbytes for p in vlm.parameters()), gradients=sum(p.grad.nbytes for p in trainable),
                optimizer=sum(v.nbytes for s in optimizer.state.values() for v in s.values()),
-               logits=max(b.nbytes for b in buffers), response_tokens=len(batch["targets"]), layer=max(per_layer.values()))
+               logits=max(b.nbytes for b in buffers), layer=max(per_layer.values()))
     if cfg["activation_checkpointing"]:
         out["activations_checkpointed"] = sum({**saved, **inputs}.values()) + recomputed  # one count per storage
     else:
@@ -153,6 +155,75 @@ def test_plan_matches_measured_memory(ckpts, case, monkeypatch):
     for key in keys:
         assert measured[key] > 0, key
         assert abs(planned[key] - measured[key]) <= 0.25 * measured[key], (case, key, planned[key], measured[key])
+    # the per-layer formula alone, tighter: one decoder layer's saved tensors (the reference attention's masks aside)
+    vlm = VLM(parse_config(json.load(open(os.path.join(cfg["init_from"], "config.json")))))
+    P, T = vlm.num_video_tokens(cfg["num_frames"]), cfg["max_len"]
+    layer = cfg["batch_size"] * T * dpo.layer_bytes(vlm.config.text, False, 4, 4, (T + P) / T, not cfg["lora_rank"],
+                                                    cfg["lora_rank"])
+    assert abs(layer - off["layer"]) <= 0.05 * off["layer"], (layer, off["layer"])
     assert planned["weight_copies"] == 0  # fp32 on CPU: no autocast copies, no FSDP
     assert planned["reference"] == measured.get("reference", 0)
     assert planned["activations_checkpointed"] < planned["activations"]
+
+
+@pytest.fixture(scope="module")
+def ov7b(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ov7b")
+    (path / "config.json").write_text(json.dumps(OV7B))
+    return str(path)
+
+
+def llava_config(ov7b, **over):
+    """config/llava.py's run (FSDP2 over 8 GPUs, 32 frames, 8192 tokens, bf16) on the 7B shape."""
+    cfg = dict(dpo.DEFAULTS)
+    exec(open(os.path.join(REPO, "config", "llava.py")).read(), {}, cfg)
+    cfg.update(init_from=ov7b, plan_world=8, device="auto")
+    cfg.update(over)
+    return cfg
+
+
+def test_llava_7b_example(ov7b):
+    """The documented example: what `python dpo.py config/llava.py --plan=True --plan_world=8` says for the 7B."""
+    out = dpo.plan(llava_config(ov7b))
+    assert abs(out["parameters"] * 8 / 4 - 8.03e9) < 0.005 * 8.03e9  # fp32 over 8 shards: the model card's 8.03B
+    assert out["gradients"] == out["optimizer"] / 2 < out["parameters"]  # the frozen tower has neither
+    assert out["logits"] < out["logits_naive"] and out["activations_checkpointed"] < out["activations"] / 10
+    lora = dpo.plan(llava_config(ov7b, fsdp=False, lora_rank=16, ref="live", lora_frozen_dtype="bfloat16"))
+    assert lora["reference"] == 0 and lora["gradients"] < 0.01 * out["gradients"] * 8  # adapters only
+    assert lora["parameters"] < 0.55 * out["parameters"] * 8  # frozen linears in bf16
+
+
+def test_largest_batch_is_monotone_and_at_the_budget(ov7b):
+    budgets = [8, 16, 24, 40, 80, 141, 300]
+    for over in (dict(), dict(fsdp=False, lora_rank=16, ref="live"), dict(fsdp=False, device="cpu")):
+        for key in ("max_batch_size", "max_batch_size_checkpointed"):
+            fits = [dpo.plan(llava_config(ov7b, gpu_memory_gb=gb, **over), quiet=True)[key] for gb in budgets]
+            assert fits == sorted(fits) and fits[-1] > 0, (over, key, fits)
+        total_key = "total" + key.removeprefix("max_batch_size")
+        for gb in budgets:
+            b = dpo.plan(llava_config(ov7b, gpu_memory_gb=gb, **over), quiet=True)[key]
+            at = lambda n: dpo.plan(llava_config(ov7b, gpu_memory_gb=gb, batch_size=n, **over), quiet=True)  # noqa
+            if b > 0:
+                assert at(b)[total_key] <= gb * dpo.GiB, (over, gb, b)
+            assert at(b + 1)[total_key] > gb * dpo.GiB, (over, gb, b)
+    # per sample: activations grow by the same amount for every added pair; the logits chunk is capped
+    a = [dpo.plan(llava_config(ov7b, batch_size=n), quiet=True) for n in (1, 2, 3, 8)]
+    step = a[1]["activations"] - a[0]["activations"]
+    assert step > 0 and a[2]["activations"] - a[1]["activations"] == step
+    assert a[3]["activations"] == a[0]["activations"] + 7 * step
+    assert a[3]["logits"] <= 2 ** 28 * 1.5 and a[3]["response_tokens"] == 8 * a[0]["response_tokens"]
+
+
+def test_cli_plan_reads_no_weights(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_config())
+    os.remove(os.path.join(ckpt, "model.safetensors"))  # the plan must not need the weights
+    out_dir = tmp_path / "out"
+    args = [sys.executable, os.path.join(REPO, "dpo.py"), f"--init_from={ckpt}", "--plan=True", "--device=cpu",
+            "--num_frames=2", "--max_len=64", f"--out_dir={out_dir}", "--gpu_memory_gb=0.001"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "memory plan per GPU" in r.stdout and "AdamW m + v" in r.stdout and "largest batch_size" in r.stdout
+    assert not out_dir.exists()  # nothing written: no config.json, no summary
+    r = subprocess.run(args[:2] + ["--init_from=llava-hf/llava-onevision-qwen2-7b-ov-hf", "--plan=True"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "config.json" in r.stderr and "hub id" in r.stderr, r.stderr
