@@ -6,6 +6,7 @@ Video DPO (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs, exact an
     torchrun --nproc_per_node=8 dpo.py config/llava.py    # LLaVA-OneVision-7B on a node (FSDP2)
     python tests/bench_dpo.py config/tiny.py              # benchmarks: prefix sharing, fused log-probs, reference
     python dpo.py config/llava.py --lora_rank=16 --ref=live  # LoRA (lora.py) on one GPU: the reference is free
+    python dpo.py config/llava.py --plan=True --plan_world=8  # per-GPU memory from config.json alone (plan())
 
 Reads as: loss -> scorer -> reference log-probs -> distributed setup -> checkpoints -> the loop. Pairs become tensors
 in packing.py: a video's pairs share one row [system + video | q1 c1 r1 | q2 c2 r2 | ...] (group_by_video; each
@@ -634,6 +635,7 @@ def plan(cfg, quiet=False):
 
 
 def print_plan(out, cfg, config):
+    """plan()'s table: one row per component, columns activation checkpointing off / on."""
     g = lambda x: f"{x / GiB:10.2f}"  # noqa: E731
     print(f"memory plan per GPU (GiB) for {config.family} at batch_size={out['rows']} x max_len={cfg['max_len']} "
           f"({out['response_tokens']} response tokens), num_frames={cfg['num_frames']}, "
@@ -641,7 +643,7 @@ def print_plan(out, cfg, config):
           f"ref={cfg['ref']}, {'CPU fp32' if cfg['device'] == 'cpu' else 'GPU ' + cfg['dtype']}")
     print(f"{'':32}{'AC off':>10}{'AC on':>10}")
     for key, name in (("parameters", "parameters"), ("gradients", "gradients (fp32)"),
-                      ("optimizer", "AdamW m + v (fp32)"), ("weight_copies", "bf16 weight copies"),
+                      ("optimizer", "AdamW m + v (fp32)"), ("weight_copies", "autocast / FSDP2 weight copies"),
                       ("reference", "live reference model"), ("logits", "logits (fused chunk)")):
         print(f"{name:32}{g(out[key])}{g(out[key])}")
     print(f"{'activations':32}{g(out['activations'])}{g(out['activations_checkpointed'])}")
