@@ -6,6 +6,7 @@ Video DPO (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs, exact an
     torchrun --nproc_per_node=8 dpo.py config/llava.py    # LLaVA-OneVision-7B on a node (FSDP2)
     python tests/bench_dpo.py config/tiny.py              # benchmarks: prefix sharing, fused log-probs, reference
     python dpo.py config/llava.py --lora_rank=16 --ref=live  # LoRA (lora.py) on one GPU: the reference is free
+    python dpo.py config/llava.py --plan=True --plan_world=8  # per-GPU memory from config.json alone (plan())
 
 Reads as: loss -> scorer -> reference log-probs -> distributed setup -> checkpoints -> the loop. Pairs become tensors
 in packing.py: a video's pairs share one row [system + video | q1 c1 r1 | q2 c2 r2 | ...] (group_by_video; each
@@ -94,6 +95,9 @@ export_dtype = ""  # final/'s dtype: "" = init_from's stored dtype (bf16 for hub
 compile = False  # torch.compile each decoder layer
 fsdp = False  # FSDP2: fully_shard per decoder layer and the root, bf16 compute, fp32 reduction
 activation_checkpointing = False  # recompute each decoder layer in backward
+plan = False  # True: print this config's per-GPU memory (from init_from/config.json alone) and exit; see plan()
+plan_world = 0  # GPUs the plan's FSDP2 shards over (0 = WORLD_SIZE, else 1)
+gpu_memory_gb = 80.0  # GiB per GPU that the plan fits the largest batch_size into (leave room for the CUDA context)
 # evaluation, logging, checkpoints
 eval_interval = 0  # steps between evals (0 = only at the end)
 eval_pairs = 0  # the last eval_pairs valid pairs are held out for eval
@@ -269,15 +273,7 @@ def build_scorer(path, cfg, device, trainable, adapter=None):
     else:
         vlm = VLM.from_pretrained(path, device="cpu" if cfg["fsdp"] else device, dtype=torch.float32,
                                   attn_impl=cfg["attn_impl"])
-    for p in vlm.parameters():
-        p.requires_grad_(trainable)
-    if trainable:
-        vlm.vision_tower.requires_grad_(cfg["train_vision"])
-        vlm.multi_modal_projector.requires_grad_(cfg["train_projector"])
-        if hasattr(vlm, "image_newline"):  # llava_onevision's per-video newline embedding
-            vlm.image_newline.requires_grad_(cfg["train_projector"])
-    if trainable and cfg["lora_rank"]:
-        add_adapters(vlm, cfg, adapter)
+    set_trainable(vlm, cfg, trainable, adapter)
     layers = vlm.language_model.model.layers
     for layer in layers:
         if cfg["activation_checkpointing"] and trainable:  # keep each layer's input only; recompute in backward
@@ -296,6 +292,19 @@ def build_scorer(path, cfg, device, trainable, adapter=None):
             load_sharded(vlm, sources, headers, device)  # peak host memory per rank: its shard + the largest tensor
     scorer.train(trainable)
     return scorer
+
+
+def set_trainable(vlm, cfg, trainable, adapter=None):
+    """requires_grad per cfg (the LM; the tower and projector only if asked), then LoRA's adapters if configured."""
+    for p in vlm.parameters():
+        p.requires_grad_(trainable)
+    if trainable:
+        vlm.vision_tower.requires_grad_(cfg["train_vision"])
+        vlm.multi_modal_projector.requires_grad_(cfg["train_projector"])
+        if hasattr(vlm, "image_newline"):  # llava_onevision's per-video newline embedding
+            vlm.image_newline.requires_grad_(cfg["train_projector"])
+    if trainable and cfg["lora_rank"]:
+        add_adapters(vlm, cfg, adapter)
 
 
 def export_hf(scorer, path, cfg, rank, dtype=None, adapter=False):
@@ -519,6 +528,132 @@ def lora_problems(cfg):
              "'float32', or 'bfloat16' with dtype='bfloat16'")]
 
 
+# -----------------------------------------------------------------------------
+# memory planner: per-GPU bytes of a config from init_from/config.json alone (the model is built on `meta`)
+
+GiB = 2 ** 30
+
+
+def layer_bytes(t, cast, R, A, kv_tokens, norm_grad, lora_rank):
+    """Bytes one decoder layer saves for backward per token: what model.py's ops keep (measured on the tiny model by
+    tests/test_dpo_plan.py). cast: autocast, where each linear saves its own A-byte copy of a norm's output; R / A:
+    bytes of the residual stream / of the matmul outputs; kv_tokens: keys saved per token (> 1 on the reference
+    attention, whose rejected piece copies the prefix keys); norm_grad: the norm weights train (z = x·rsqrt kept)."""
+    Dq, Dkv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    norm = lambda k: t.hidden_size * (4 + R * norm_grad + (k * A if cast else R)) + 4  # x fp32, z, inputs; rsqrt
+    attn = A * (3 * Dq + 2 * Dkv * kv_tokens) + 4 * t.num_heads  # q, o, o for o_proj, k, v; log-sum-exp fp32
+    rope = 4 * t.head_dim * A if cast else 0  # cos, sin cast to A, for q and for k
+    return norm(3) + norm(2) + attn + rope + 4 * t.intermediate_size * A + 7 * lora_rank * A  # gate, silu, up, prod
+
+
+def vision_bytes(c, cfg, cast, A):
+    """Bytes the vision tower and projector save per frame when they train (0 when frozen: run under no_grad)."""
+    v, t = c.vision, c.text
+    if not (cfg["train_vision"] or cfg["train_projector"]):
+        return 0
+    if c.family == "qwen2_5_vl":
+        raise ValueError("the memory plan estimates a training vision tower for the LLaVA families only; plan "
+                         "qwen2_5_vl with train_vision=False and train_projector=False")
+    patches = v.grid ** 2 + (v.kind == "clip")
+    total = patches * A * (v.hidden_size * len(c.feature_layers) + 2 * t.hidden_size)  # linear_1 in, gelu in, out
+    if cfg["train_vision"]:  # per block: x, LN out (a cast per linear), q k v o, o for out_proj, x', LN out, fc1, gelu
+        n = max(i % (v.num_layers + 1) for i in c.feature_layers)
+        block = v.hidden_size * (8 + (4 * A if cast else 8) + 5 * A) + 2 * v.intermediate_size * A + 16
+        total += n * patches * block + 3 * v.image_size ** 2 * A  # + the pixels the patch conv keeps
+    return total
+
+
+def plan(cfg, quiet=False):
+    """Per-GPU memory of one training step of `cfg` -> dict of bytes (components, totals with activation
+    checkpointing off and on, max_batch_size[_checkpointed] under gpu_memory_gb), printed as a table in GiB.
+    A micro-batch is batch_size pairs, each its own row of max_len tokens whose responses fill what the video leaves
+    (pairs of distinct videos: the worst case with or without group_by_video, whose rows max_len caps too). Device
+    "cpu" plans fp32 and the reference attention; a GPU plans cfg's dtype (autocast, or FSDP2's bf16 parameters)."""
+    from kernels import _default_chunk
+    from model import VLM, parse_config
+    path = os.path.join(cfg["init_from"], "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"the memory plan needs the checkpoint's config.json, and {path} does not exist (init_from "
+                         f"must be a local directory, not a hub id): download the checkpoint, or only its "
+                         f"config.json, to a directory and point init_from at it")
+    with open(path) as f:
+        config = parse_config(json.load(f))
+    with torch.device("meta"):
+        vlm = VLM(config)
+        set_trainable(vlm, cfg, True)
+    t, gpu = config.text, cfg["device"] != "cpu"
+    world = cfg["plan_world"] or int(os.environ.get("WORLD_SIZE", 1))
+    shard = world if cfg["fsdp"] else 1
+    low = gpu and cfg["dtype"] == "bfloat16"
+    cast, A, R = low and not cfg["fsdp"], 2 if low else 4, 2 if low and cfg["fsdp"] else 4
+    params, layers = list(vlm.parameters()), vlm.language_model.model.layers
+    n_train = sum(p.numel() for p in params if p.requires_grad)
+    out = dict(parameters=sum(p.numel() * p.element_size() for p in params) / shard,
+               gradients=4 * n_train / shard, optimizer=8 * n_train / shard)  # grads fp32; AdamW m and v fp32
+    if cfg["fsdp"]:  # FSDP2 keeps the root gathered from forward to backward, plus a layer and the next in flight
+        root = sum(p.numel() for p in params) - sum(p.numel() for p in layers.parameters())
+        out["weight_copies"] = A * (root + 2 * sum(p.numel() for p in layers[0].parameters()))
+    else:  # autocast keeps a bf16 copy of each fp32 weight a matmul with gradients uses, until backward
+        used = [*layers.parameters(), vlm.lm_head_weight]
+        vision = [*vlm.vision_tower.parameters(), *vlm.multi_modal_projector.parameters()]
+        used += [p for p in vision if p.requires_grad]
+        out["weight_copies"] = cast * 2 * sum(p.numel() for p in used if p.ndim >= 2 and p.dtype == torch.float32)
+    out["reference"] = 4 * sum(p.numel() for p in params) / shard if cfg["ref"] == "live" and not cfg["lora_rank"] \
+        else 0  # a second fp32 model; LoRA's reference is the same model with its adapters off
+    P, T = vlm.num_video_tokens(cfg["num_frames"]), cfg["max_len"]  # the prompt is at least the video
+    if P >= T:
+        raise ValueError(f"max_len={T} leaves no room for responses after {P} video tokens; raise max_len")
+    kv = (T + P) / T if not gpu or cfg["attn_impl"] == "sdpa" else 1.0
+    base = not cfg["lora_rank"]  # the base weights train: the embedding keeps its ids, the norms x·rsqrt
+    layer = layer_bytes(t, cast, R, A, kv, base, cfg["lora_rank"]) * T  # one row
+    row = T * (8 * base + 1 + t.hidden_size * (4 + R * base) + 4) \
+        + (T - P) * (t.hidden_size * A + 32) + cfg["num_frames"] * vision_bytes(config, cfg, cast, A)
+    # ^ per token: ids, the video mask, the final norm; per response token: its hidden row in A, indices, log-probs
+    dc = _default_chunk(t.vocab_size, torch.device("cuda" if gpu else "cpu"))
+    fixed = sum(out.values())
+
+    def step(B):  # what grows with the micro-batch: activations and the logits chunk
+        M = B * (T - P)  # response tokens
+        chunk = -(-M // -(-M // dc))  # fused_logprobs' rows per chunk
+        s = dict(rows=B, response_tokens=M, logits_naive=4 * M * t.vocab_size,
+                 logits=chunk * t.vocab_size * (4 + (A if A < 4 else 0)),  # fp32 chunk (+ its gradient in A)
+                 activations=B * (t.num_layers * layer + row) + 8 * T * t.head_dim,  # + cos, sin fp32
+                 activations_checkpointed=B * (t.num_layers * T * t.hidden_size * R + layer + row) + 8 * T * t.head_dim)
+        s["total"] = fixed + s["logits"] + s["activations"]  # checkpointing: layer inputs + one layer recomputed
+        s["total_checkpointed"] = fixed + s["logits"] + s["activations_checkpointed"]
+        return s
+
+    out.update(step(cfg["batch_size"]), world=shard)
+    for key in ("total", "total_checkpointed"):  # the largest batch_size under gpu_memory_gb (totals grow with it)
+        b = 0
+        while b < 4096 and step(b + 1)[key] <= cfg["gpu_memory_gb"] * GiB:
+            b += 1
+        out["max_batch_size" + key.removeprefix("total")] = b
+    if not quiet:
+        print_plan(out, cfg, config)
+    return out
+
+
+def print_plan(out, cfg, config):
+    """plan()'s table: one row per component, columns activation checkpointing off / on."""
+    g = lambda x: f"{x / GiB:10.2f}"  # noqa: E731
+    print(f"memory plan per GPU (GiB) for {config.family} at batch_size={out['rows']} x max_len={cfg['max_len']} "
+          f"({out['response_tokens']} response tokens), num_frames={cfg['num_frames']}, "
+          f"{'fsdp over ' + str(out['world']) + ' GPUs' if cfg['fsdp'] else 'no fsdp'}, lora_rank={cfg['lora_rank']}, "
+          f"ref={cfg['ref']}, {'CPU fp32' if cfg['device'] == 'cpu' else 'GPU ' + cfg['dtype']}")
+    print(f"{'':32}{'AC off':>10}{'AC on':>10}")
+    for key, name in (("parameters", "parameters"), ("gradients", "gradients (fp32)"),
+                      ("optimizer", "AdamW m + v (fp32)"), ("weight_copies", "autocast / FSDP2 weight copies"),
+                      ("reference", "live reference model"), ("logits", "logits (fused chunk)")):
+        print(f"{name:32}{g(out[key])}{g(out[key])}")
+    print(f"{'activations':32}{g(out['activations'])}{g(out['activations_checkpointed'])}")
+    print(f"{'total':32}{g(out['total'])}{g(out['total_checkpointed'])}")
+    print(f"{'largest batch_size in ' + str(cfg['gpu_memory_gb']) + ' GiB':32}{out['max_batch_size']:10d}"
+          f"{out['max_batch_size_checkpointed']:10d}")
+    print(f"(naive response logits, {out['response_tokens']} tokens x {config.text.vocab_size} vocab in fp32, would be "
+          f"{out['logits_naive'] / GiB:.2f} GiB; activation_checkpointing={cfg['activation_checkpointing']} is set)")
+
+
 def load_pairs(cfg, tok, vlm, world, master):
     """Validate every pair before any step (report to out_dir/validation.json) and hold out the last eval_pairs.
     Returns (all items, train items, eval items, global batch in pairs, total optimizer steps)."""
@@ -594,6 +729,9 @@ def train(cfg):
     step in flight finishes, is saved, and the run returns. The handler is set before any work, so a signal during
     loading or the reference pass is not lost: the run stops after its first step."""
     check_config(cfg)
+    if cfg["plan"]:
+        plan(cfg)
+        return dict(status="done", note="memory plan only")
     stop = []
     main_thread = threading.current_thread() is threading.main_thread()  # only it may install a signal handler
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1)) if main_thread else None
@@ -763,4 +901,5 @@ def check_replicas(params, world, master):
 
 if __name__ == "__main__":
     sys.exit(main("dpo.py", DEFAULTS, train, sys.argv[1:],
-                  lambda c: (os.path.join(c["out_dir"], "config.json"), os.path.join(c["out_dir"], "summary.json"))))
+                  lambda c: (None, None) if c["plan"] else (os.path.join(c["out_dir"], "config.json"),
+                                                             os.path.join(c["out_dir"], "summary.json"))))

@@ -17,6 +17,7 @@ epochs = 2  # 350k pairs / 128 = ~2734 steps per epoch
 warmup_iters = 150  # 2.7% of the 2 x 2734 = 5468 steps
 # FSDP2 per decoder layer: 8.0B params * (4 B fp32 param + 4 grad + 8 Adam) = 128 GB / 8 GPUs = 16 GB per GPU, plus
 # activations of one 8k pair with per-layer checkpointing (28 layers * 8192 * 3584 * 2 B = 1.6 GB of layer inputs)
+# (python dpo.py config/llava.py --plan=True --plan_world=8 prints the per-GPU memory plan: README, section 5)
 fsdp = True
 activation_checkpointing = True
 compile = True
