@@ -722,7 +722,8 @@ class VLM(nn.Module):
                  top_p=1.0, stop_ids=(), seed=None, video_grid_thw=None, second_per_grid_ts=None):
         """Batched generation with a KV cache. prompts: list of token-id lists (left-padded here; a video row holds
         num_video_tokens ids). Greedy when temperature == 0, else temperature + nucleus (top_p) sampling.
-        Returns each row's new ids, the stop token excluded. Qwen2.5-VL: 3-D positions for the prompt; each new
+        Returns each row's new ids, the stop token excluded. seed: an int (one random stream for the batch) or a list
+        of one per prompt (each row its own stream: its sample does not depend on what it is batched with). Qwen2.5-VL: 3-D positions for the prompt; each new
         token takes the row's largest position + 1 (transformers' rope delta)."""
         device, dtype = self.lm_head_weight.device, self.lm_head_weight.dtype
         B, T0 = len(prompts), max(len(p) for p in prompts)
@@ -743,7 +744,10 @@ class VLM(nn.Module):
         # prefill mask: causal over real keys; a pad query sees itself only, so no row is empty (no NaN)
         causal = torch.ones(T0, T0, dtype=torch.bool, device=device).tril()
         mask = (causal & valid[:, None, :T0]) | torch.eye(T0, dtype=torch.bool, device=device)
-        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        if isinstance(seed, (list, tuple)):
+            generator = [torch.Generator(device).manual_seed(s) for s in seed]
+        else:
+            generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         out, done = [[] for _ in range(B)], [False] * B
         start, last_pos = 0, positions.amax(dim=-1) if positions.dim() == 2 else positions.amax(dim=(0, 2))
         for _ in range(max_new_tokens):
@@ -872,9 +876,12 @@ class VLM(nn.Module):
 
 
 def sample(logits, temperature, top_p, generator=None):
-    """(B, V) fp32 logits -> (B,) ids. Greedy at temperature 0; else softmax(l/T) restricted to the top-p nucleus."""
+    """(B, V) fp32 logits -> (B,) ids. Greedy at temperature 0; else softmax(l/T) restricted to the top-p nucleus,
+    drawn with `generator` (one torch.Generator, or a list of one per row)."""
     if temperature <= 0:
         return logits.argmax(-1)
+    if isinstance(generator, (list, tuple)):  # one generator per row: a row's draws do not depend on its batch
+        return torch.cat([sample(row[None], temperature, top_p, g) for row, g in zip(logits, generator)])
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)

@@ -380,7 +380,8 @@ def test_bad_config_fails_before_work(tmp_path, monkeypatch):
 # the --model path on a tiny checkpoint
 
 
-def test_model_path_tiny_checkpoint_and_resume(tmp_path):
+def model_setup(tmp_path, n=5):
+    """A tiny checkpoint, 3 clips and a broken one, n items over the clips + one on the broken clip; -> (cfg, ckpt)."""
     from tests.media import write_video
     from tests.tiny import make_tiny_checkpoint
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
@@ -389,10 +390,15 @@ def test_model_path_tiny_checkpoint_and_resume(tmp_path):
         write_video(str(tmp_path / "videos" / f"{i}.mp4"), num_frames=12)
     (tmp_path / "videos" / "broken.mp4").write_text("not a video")
     its = [dict(id=f"x{i}", video=f"{i % 3}.mp4", query="What happens in this video?" + " and then?" * i,
-                category="violence", query_type="harmful" if i % 2 else "benign", rule="VIO-01") for i in range(5)]
-    its.append(dict(id="x5", video="broken.mp4", query="q", category="violence", query_type="harmful"))
+                category="violence", query_type="harmful" if i % 2 else "benign", rule="VIO-01") for i in range(n)]
+    its.append(dict(id=f"x{n}", video="broken.mp4", query="q", category="violence", query_type="harmful"))
     cfg = cfg_for(tmp_path, items=write_jsonl(tmp_path / "items.jsonl", its), model=ckpt,
                   video_root=str(tmp_path / "videos"), num_frames=4, max_new_tokens=6, batch_size=2)
+    return cfg, ckpt
+
+
+def test_model_path_tiny_checkpoint_and_resume(tmp_path):
+    cfg, ckpt = model_setup(tmp_path)
     s = bench.run(cfg)
     run = tmp_path / "run"
     answers = lines(run / "answers.jsonl")
@@ -409,3 +415,42 @@ def test_model_path_tiny_checkpoint_and_resume(tmp_path):
                        out_dir=str(tmp_path / "policy")))
     assert s["status"] == "done" and s["answered"] == 3 and not (tmp_path / "policy" / "judgments.jsonl").exists()
     assert sorted(a["id"] for a in lines(tmp_path / "policy" / "answers.jsonl")) == ["p0", "p1", "p2"]
+
+
+def test_torchrun_two_ranks_same_answers_as_one_process(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): each rank answers its share into a part file, rank 0 merges and judges;
+    the answers, the unreadable video and the summary equal one process's, and no part file is left."""
+    cfg, ckpt = model_setup(tmp_path, n=7)
+    one = bench.run(cfg)
+    keys = ("items", "video_root", "model", "num_frames", "max_new_tokens", "batch_size", "judge_url", "n_bootstrap")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = tmp_path / "ranks"
+    run = subprocess.run(torchrun + [os.path.join(REPO, "bench.py"), f"--out_dir={out}", "--progress=False"]
+                         + [f"--{k}={cfg[k]}" for k in keys], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    by_id = lambda path: {r["id"]: r["answer"] for r in lines(path)}
+    assert by_id(out / "answers.jsonl") == by_id(tmp_path / "run" / "answers.jsonl") and len(by_id(
+        out / "answers.jsonl")) == 7
+    assert [e["id"] for e in lines(out / "answers.errors.jsonl")] == ["x7"]
+    assert not list(out.glob("*.rank*"))
+    two = json.load(open(out / "summary.json"))
+    assert two["generation"]["ranks"] == 2 and two["generation"]["answered"] == 7
+    for key in ("safety_rate", "over_refusal_rate", "judged", "unreadable"):
+        assert two[key] == one[key]
+
+
+def test_sampled_answers_per_item_seed(tmp_path):
+    """temperature > 0: each item draws from its own stream (seed, id), so its answer does not depend on the batch
+    it was generated in; another seed gives other answers."""
+    cfg, _ = model_setup(tmp_path, n=6)
+    cfg.update(answer_only=True, judge_url="", temperature=1.0, top_p=0.95, max_new_tokens=8)
+    answers = {}
+    for name, kw in (("b1", dict(batch_size=1)), ("b4", dict(batch_size=4)), ("s2", dict(batch_size=4, seed=2))):
+        bench.run(dict(cfg, out_dir=str(tmp_path / name), **kw))
+        answers[name] = {r["id"]: r["answer"] for r in lines(tmp_path / name / "answers.jsonl")}
+    assert len(answers["b1"]) == 6 and answers["b1"] == answers["b4"]
+    assert answers["s2"] != answers["b4"]
+    greedy = dict(cfg, temperature=0.0, out_dir=str(tmp_path / "g"))
+    bench.run(greedy)
+    assert {r["id"]: r["answer"] for r in lines(tmp_path / "g" / "answers.jsonl")} != answers["b4"]
