@@ -45,6 +45,7 @@ caption_repeats = 12  # each caption example this many times per epoch
 max_answer_tokens = 24  # answers are cut here (no end token then): bench reads the opening, the judge 300 chars
 batch_size = 16
 max_iters = 400
+caption_iters = 0  # the first steps see caption examples only (LLaVA's stage 1: ground the video tokens first)
 learning_rate = 3e-3
 warmup_iters = 20
 weight_decay = 0.01
@@ -166,11 +167,13 @@ def main(cfg):
                                                                                          weight_decay=0.0)],
                             lr=cfg["learning_rate"], betas=(0.9, 0.95))
     rng = np.random.default_rng(cfg["seed"])
-    order, pos, t0 = rng.permutation(len(rows)), 0, time.time()
+    n_caption = len(captions) * cfg["caption_repeats"]  # rows[:n_caption] are the caption examples
+    shuffle = lambda step: rng.permutation(n_caption if step < cfg["caption_iters"] else len(rows))  # noqa: E731
+    order, pos, t0 = shuffle(0), 0, time.time()
     vlm.train()
     for step in range(cfg["max_iters"]):
-        if pos + cfg["batch_size"] > len(order):  # a new epoch: a new shuffle
-            order, pos = rng.permutation(len(rows)), 0
+        if pos + cfg["batch_size"] > len(order) or step == cfg["caption_iters"] > 0:  # a new epoch or stage: reshuffle
+            order, pos = shuffle(step), 0
         batch = [rows[i] for i in order[pos:pos + cfg["batch_size"]]]
         pos += cfg["batch_size"]
         input_ids, targets, pv = batch_tensors(batch, pixels, tok.pad_id)
