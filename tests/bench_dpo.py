@@ -160,6 +160,25 @@ QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=2
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def random_text_model(text, layers, device, dtype):
+    """A llava_onevision VLM with `layers` random decoder layers of the `text` shape (video token V-1) and a token
+    vision tower (callers pass video_features), built on meta and filled in place: no fp32 copy of a 7B shape."""
+    from model import VLM, parse_config
+    V = text["vocab_size"]
+    raw = dict(model_type="llava_onevision", video_token_index=V - 1, image_token_index=V - 2,
+               tie_word_embeddings=False, vision_config=dict(hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=1, num_attention_heads=2,
+                                                             image_size=28, patch_size=14),
+               text_config=dict(text, num_hidden_layers=layers))
+    with torch.device("meta"):
+        vlm = VLM(parse_config(raw))
+    vlm = vlm.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in vlm.parameters():
+            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
+    return vlm
+
+
 def run_bench_layers(device, text=QWEN2_7B, layers=2, num_frames=32, tokens_per_frame=196, response=256, pairs=1,
                      rounds=5):
     """DPO steps (fwd + bwd, bf16 parameters and activations) through `layers` decoder layers of the given shape
@@ -169,21 +188,10 @@ def run_bench_layers(device, text=QWEN2_7B, layers=2, num_frames=32, tokens_per_
       matmuls  2 * N_layer_params * tokens * layers           (q, k, v, o, gate, up, down)
       attention 4 * heads * head_dim * visible (query, key) pairs * layers   (QK^T and PV)
       head     2 * hidden * vocab * response tokens           (fused_logprobs on the gathered rows only)"""
-    from model import VLM, parse_config
     H, I, nh, nkv = (text[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                          "num_key_value_heads"))
     hd, V = H // nh, text["vocab_size"]
-    raw = dict(model_type="llava_onevision", video_token_index=V - 1, image_token_index=V - 2,
-               tie_word_embeddings=False, vision_config=dict(hidden_size=32, intermediate_size=64,
-                                                             num_hidden_layers=1, num_attention_heads=2,
-                                                             image_size=28, patch_size=14),
-               text_config=dict(text, num_hidden_layers=layers))
-    with torch.device("meta"):
-        vlm = VLM(parse_config(raw))
-    vlm = vlm.to_empty(device=device).to(torch.bfloat16)  # bf16 compute, as under FSDP2's MixedPrecisionPolicy
-    with torch.no_grad():
-        for p in vlm.parameters():
-            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
+    vlm = random_text_model(text, layers, device, torch.bfloat16)  # bf16 compute, as under FSDP2's mixed precision
     P = num_frames * tokens_per_frame + 1 + 30
     items = [dict(prompt_ids=[1] * 30 + [V - 1] * (P - 30), chosen_ids=torch.randint(0, V - 2, (response,)).tolist(),
                   rejected_ids=torch.randint(0, V - 2, (response,)).tolist()) for _ in range(pairs)]

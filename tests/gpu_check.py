@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dpo import QWEN2_7B, run_bench_layers  # noqa: E402
+from bench_dpo import QWEN2_7B, random_text_model, run_bench_layers  # noqa: E402
 from bench_kernels import PARITY_CASES, _bench_attention, _bench_logprobs, _check_parity  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -56,19 +56,8 @@ def bench_generate(device, text, layers, batch, frames, tokens_per_frame, new_to
     """Greedy generation (model.generate: KV cache, batched) on a random llava_onevision model with `layers` decoder
     layers of the `text` shape; each prompt holds frames * tokens_per_frame + 1 video tokens (random features) and a
     short question. Returns prefill and decode tokens/s (decode: generated tokens of the whole batch per second)."""
-    from model import VLM, parse_config
     V = text["vocab_size"]
-    raw = dict(model_type="llava_onevision", video_token_index=V - 1, image_token_index=V - 2,
-               tie_word_embeddings=False, vision_config=dict(hidden_size=32, intermediate_size=64,
-                                                             num_hidden_layers=1, num_attention_heads=2,
-                                                             image_size=28, patch_size=14),
-               text_config=dict(text, num_hidden_layers=layers))
-    with torch.device("meta"):
-        vlm = VLM(parse_config(raw))
-    vlm = vlm.to_empty(device=device).to(dtype).eval()
-    with torch.no_grad():
-        for p in vlm.parameters():
-            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
+    vlm = random_text_model(text, layers, device, dtype).eval()
     n_video = frames * tokens_per_frame + 1
     prompt = [1] * 14 + [V - 1] * n_video + [2] * 16
     features = torch.randn(batch, n_video, text["hidden_size"], device=device, dtype=dtype) * 0.02
