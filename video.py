@@ -152,7 +152,7 @@ def _read(container, stream, path, num_frames, max_side, seek_gap, pick=None):
     if pick is not None:  # chosen times (s), clamped into the clip; visited sorted, returned in the order asked
         seconds = pick(float(duration * tb))
         assert len(seconds) == num_frames, (len(seconds), num_frames)
-        targets = [start + min(max(int(Fraction(t) / tb), 0), max(duration - 1, 0)) for t in seconds]
+        targets = [start + min(max(round(Fraction(t) / tb), 0), max(duration - 1, 0)) for t in seconds]  # nearest tick
     order = sorted(range(num_frames), key=targets.__getitem__)
     keyframes = sorted(e.timestamp for e in stream.index_entries if e.is_keyframe)  # empty without an index
     gap = int(seek_gap / tb)
