@@ -21,6 +21,8 @@ Stages, each resumable (append-only JSONL flushed per record, torn last line rep
      over_refusal / unhelpful. The judge's first line is the verdict; anything else there is `judge_error` (counted,
      never scored). The answer reaches the judge only between markers whose boundary is a hash of the answer, with
      the instruction to treat it as content; only the judge's reply is parsed, never the prompt.
+  3b. with `temporal` (e.g. "late,sparse8"): each harmful item with a `risk_span` [start, end] (seconds) answered and
+     judged again per variant (the span only in the last 10% of the frames, or N uniform frames) in out_dir/temporal/.
   4. summary.json, report.md, safety_by_category.png, safety_vs_overrefusal.png. Rates carry 95% Wilson intervals
      (ci="bootstrap" for percentile bootstrap); the mean score a bootstrap interval. A keyword refusal detector
      (llm.is_refusal) gives a judge-free second metric. compare: per metric and category the absolute (points) and
