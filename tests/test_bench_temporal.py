@@ -157,3 +157,19 @@ def test_temporal_needs_our_model(tmp_path):
         bench.run(cfg_for(tmp_path, items=its, answers=its, temporal="late"))
     with pytest.raises(ValueError, match="late or sparseN"):
         bench.run(cfg_for(tmp_path, items=its, answers=its, temporal="early"))
+
+
+def test_demo_risk_items_span_the_risky_clips(tmp_path):
+    from data.demo import prepare
+    from data.demo.scenes import render, variant
+    held = [dict(id="a", video="kitchen_knife_00.mp4", query="q", category="violence", query_type="harmful"),
+            dict(id="b", video="skate_park_01.mp4", query="q", category="violence", query_type="harmful"),
+            dict(id="c", video="kitchen_knife_00.mp4", query="q", category="violence", query_type="benign")]
+    write_jsonl(tmp_path / "pairs.heldout.jsonl", held)
+    path, n = prepare.risk_items(str(tmp_path))
+    got = {it["id"]: it for it in bench.load_items(path)}
+    assert n == 1 and got["a"]["risk_span"] == [0.0, 2.0] and "risk_span" not in got["b"] and "risk_span" not in got["c"]
+    assert bench.temporal_items(list(got.values()), ["late"])[0]["id"] == "a#late"
+    clip_path = str(tmp_path / "kitchen_knife_00.mp4")  # the span is the whole clip as the demo writes it
+    prepare.write_video(clip_path, render("kitchen_knife", variant("kitchen_knife", 0, 1, 0)))
+    assert video.read_frames(clip_path, 1)[1]["duration"] == pytest.approx(prepare.CLIP_SECONDS)
