@@ -168,7 +168,8 @@ def test_demo_risk_items_span_the_risky_clips(tmp_path):
     write_jsonl(tmp_path / "pairs.heldout.jsonl", held)
     path, n = prepare.risk_items(str(tmp_path))
     got = {it["id"]: it for it in bench.load_items(path)}
-    assert n == 1 and got["a"]["risk_span"] == [0.0, 2.0] and "risk_span" not in got["b"] and "risk_span" not in got["c"]
+    assert n == 1 and got["a"]["risk_span"] == [0.0, 2.0]
+    assert "risk_span" not in got["b"] and "risk_span" not in got["c"]  # a harmless clip; a benign item
     assert bench.temporal_items(list(got.values()), ["late"])[0]["id"] == "a#late"
     clip_path = str(tmp_path / "kitchen_knife_00.mp4")  # the span is the whole clip as the demo writes it
     prepare.write_video(clip_path, render("kitchen_knife", variant("kitchen_knife", 0, 1, 0)))
