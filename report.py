@@ -451,6 +451,53 @@ def mcq_section(s):
     return lines + [""]
 
 
+def temporal_rows(t):
+    """(row name, its entry) of summary["temporal"]: the uniform frames of the main run, then each variant."""
+    return [("uniform", t["uniform"])] + [(v, t[v]) for v in t["variants"]]
+
+
+def temporal_section(s):
+    """Temporal-risk probes: safety per variant on the harmful items with a risk_span."""
+    t = s["temporal"]
+    lines = ["## Temporal-risk probes", "",
+             f"The {t['items']} harmful items with a `risk_span`, answered again with the risky span late (only in "
+             "the last 10% of the frames) or in N frames sampled uniformly; `uniform` is the main run on the same "
+             f"items. Safety with a 95% {s['ci_method']} interval; in-span = the mean share of the frames the model "
+             "saw that lie inside the span.", "",
+             "| variant | frames | n | safety % | frames in span % |", "|---|---|---|---|---|"]
+    for name, r in temporal_rows(t):
+        frac = "n/a" if r["in_span_fraction"] is None else f"{100 * r['in_span_fraction']:.1f}"
+        lines.append(f"| {name} | {r['num_frames']} | {r['n']} | {fmt(r['safety_rate'])} | {frac} |")
+    return lines + ["", "![safety per temporal variant](safety_temporal.png)", ""]
+
+
+def plot_temporal(out_dir, summaries):
+    """Safety (95% interval) per temporal variant, one bar per run: safety_temporal.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summaries = [(name, s) for name, s in summaries if s.get("temporal")]
+    names = list(dict.fromkeys(v for _, s in summaries for v, _ in temporal_rows(s["temporal"])))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) * len(summaries) + 2), 4))
+    width = 0.8 / max(1, len(summaries))
+    for k, (run, s) in enumerate(summaries):
+        rows = dict(temporal_rows(s["temporal"]))
+        ms = [rows[v]["safety_rate"] if v in rows else {} for v in names]
+        vals = [100 * (m.get("value") or 0) for m in ms]
+        lo = [100 * (m["value"] - m["ci_low"]) if m.get("ci_low") is not None else 0 for m in ms]
+        hi = [100 * (m["ci_high"] - m["value"]) if m.get("ci_high") is not None else 0 for m in ms]
+        ax.bar(np.arange(len(names)) + (k - (len(summaries) - 1) / 2) * width, vals, width, yerr=[lo, hi],
+               capsize=3, label=run)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_xlabel("frames the model saw")
+    ax.set_ylabel("safety rate, % (95% CI)")
+    ax.set_ylim(0, 105)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "safety_temporal.png"), dpi=120)
+    plt.close(fig)
+
+
 def plot_calibration(out_dir, gold):
     """Agreement with gold (accuracy) against the harmful-score threshold, one line per judge: calibration.png."""
     import matplotlib
@@ -488,6 +535,8 @@ def write_report(out_dir, summary, judgments, items_by_id, answers_by_id, by_jud
         lines += gold_section(s)
     if s.get("mcq_accuracy"):
         lines += mcq_section(s)
+    if s.get("temporal"):
+        lines += temporal_section(s)
     lines += ["## Worst answers per category", "",
              "Harmful items with the highest judge score (most compliant), and benign items judged over-refusals.", ""]
     by_cat = defaultdict(list)
@@ -564,6 +613,13 @@ def write_compare_report(out_dir, names, summaries, comparisons):
     if any(s.get("mcq_accuracy") for s in summaries):
         lines += ["| run | MCQ accuracy % (capability) |", "|---|---|"]
         lines += [f"| {n} | {fmt(s.get('mcq_accuracy'))} |" for n, s in zip(names, summaries)] + [""]
+    variants = list(dict.fromkeys(v for s in summaries if s.get("temporal") for v, _ in temporal_rows(s["temporal"])))
+    if variants:  # temporal-risk probes: safety per variant (frames the model saw), per run
+        lines += ["| run | " + " | ".join(f"safety % {v}" for v in variants) + " |", "|---" * (1 + len(variants)) + "|"]
+        for n, s in zip(names, summaries):
+            rows = dict(temporal_rows(s["temporal"])) if s.get("temporal") else {}
+            lines.append(f"| {n} | " + " | ".join(fmt(rows.get(v, {}).get("safety_rate")) for v in variants) + " |")
+        lines += ["", "![safety per temporal variant](safety_temporal.png)", ""]
     for c in comparisons:
         lines += [f"## {c['run']} vs {c['baseline']} ({c['paired_items']} paired items)", "",
                   "| metric | group | n | before % | after % | Δ points [95% CI] | relative Δ % | p bootstrap | "
@@ -584,10 +640,10 @@ def write_compare_report(out_dir, names, summaries, comparisons):
 # comparing runs
 
 
-def run_judgments(run_dir, threshold):
+def run_judgments(run_dir, threshold, name="judgments.jsonl"):
     """A run's headline judgments, one per item: with several judges, by the rule its summary.json recorded (no
-    summary: the majority of every judge in the file)."""
-    path = os.path.join(run_dir, "judgments.jsonl")
+    summary: the majority of every judge in the file). `name`: the judgments file in run_dir."""
+    path = os.path.join(run_dir, name)
     rule = {}
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
@@ -601,11 +657,39 @@ def run_judgments(run_dir, threshold):
     return headline(by_judge, judges, rule.get("rule", "majority"), threshold)
 
 
+def temporal_judgments(run_dir, threshold):
+    """A run's temporal probes as {variant: {item id: headline judgment}}; {} when it has none."""
+    name = os.path.join("temporal", "judgments.jsonl")
+    if not os.path.exists(os.path.join(run_dir, name)):
+        return {}
+    out = defaultdict(dict)
+    for j in run_judgments(run_dir, threshold, name):
+        item, _, variant = j["id"].rpartition("#")
+        out[variant][item] = j
+    return dict(out)
+
+
+def temporal_compare(base, other, base_temporal, other_temporal, threshold, n_boot, seed):
+    """Rows of safety before/after per temporal variant (group "temporal <variant>"), paired on the items both
+    runs scored; `uniform` is the main judgments of the probed items."""
+    rows = []
+    probed = sorted({i for v in base_temporal.values() for i in v})
+    pairs = [("uniform", base, other)] + [(v, base_temporal[v], other_temporal[v])
+                                          for v in base_temporal if v in other_temporal]
+    for variant, a, b in pairs:
+        ids = [i for i in probed if i in a and i in b and a[i]["label"] != "judge_error"
+               and b[i]["label"] != "judge_error"]
+        safe = lambda js: [float(js[i]["score"] <= threshold) for i in ids]  # noqa: E731
+        rows.append(dict(metric="safety_rate", group=f"temporal {variant}",
+                         **paired_delta(safe(a), safe(b), n_boot, seed)))
+    return rows
+
+
 def compare(dirs, out_dir, threshold, method="wilson", n_boot=2000, seed=0):
     """Compare bench run dirs (each to the first) on the items judged in all: compare.json, report.md, plots."""
     if len(dirs) < 2:
         raise ValueError("compare needs two or more run dirs, comma-separated, e.g. --compare=out/base,out/dpo")
-    runs, summaries, names, mcqs = [], [], [], []
+    runs, summaries, names, mcqs, temporals = [], [], [], [], []
     for d in dirs:
         path, mcq_path = os.path.join(d, "judgments.jsonl"), os.path.join(d, "mcq.jsonl")
         if not os.path.exists(path) and not os.path.exists(mcq_path):
@@ -618,8 +702,20 @@ def compare(dirs, out_dir, threshold, method="wilson", n_boot=2000, seed=0):
         extra = dict(run=d)
         if mcqs[-1]:
             extra["mcq_accuracy"] = rate(list(mcqs[-1].values()), method, n_boot, seed)
+        temporals.append(temporal_judgments(d, threshold))
+        if temporals[-1]:  # safety per variant, the shape of bench's summary["temporal"] (rates only)
+            t = temporals[-1]
+            probed = {i for v in t.values() for i in v}
+            safety = lambda js: rate([float(j["score"] <= threshold) for j in js  # noqa: E731
+                                      if j["label"] != "judge_error"], method, n_boot, seed)
+            extra["temporal"] = dict(variants=list(t), items=len(probed), **{
+                v: dict(safety_rate=safety(list(js.values()))) for v, js in
+                [("uniform", {i: j for i, j in js.items() if i in probed})] + list(t.items())})
         summaries.append(summarize(list(js.values()), threshold, method, n_boot, seed, extra))
     comparisons = compare_runs(runs, threshold, n_boot, seed)
+    for c, other, (_, run), t in zip(comparisons, mcqs[1:], runs[1:], temporals[1:]):  # temporal probes, paired
+        if temporals[0] and t:
+            c["rows"] += temporal_compare(runs[0][1], run, temporals[0], t, threshold, n_boot, seed)
     for c, other in zip(comparisons, mcqs[1:]):  # capability next to safety: MCQ accuracy on the shared items
         common = [i for i in mcqs[0] if i in other]
         if common:
@@ -629,9 +725,11 @@ def compare(dirs, out_dir, threshold, method="wilson", n_boot=2000, seed=0):
                dict(runs=dict(zip(names, summaries)), comparisons=comparisons, threshold=threshold))
     write_compare_report(out_dir, names, summaries, comparisons)
     plot_runs(out_dir, list(zip(names, summaries)))
+    if any(s.get("temporal") for s in summaries):
+        plot_temporal(out_dir, list(zip(names, summaries)))
     for c in comparisons:
         for r in c["rows"]:
-            if r["group"] == "overall" and r["n"]:
+            if (r["group"] == "overall" or r["group"].startswith("temporal ")) and r["n"]:
                 print(f"{c['run']} vs {c['baseline']}: {r['metric']} {100 * r['a']:.1f} -> {100 * r['b']:.1f} % "
                       f"({100 * r['delta']:+.1f} points, p={r['p_bootstrap']:.3g})")
     return comparisons

@@ -119,8 +119,10 @@ def _rgb(frame, size):
     return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="AREA")
 
 
-def read_frames(path, num_frames, max_side=1024, seek_gap=2.0):
-    """Read `num_frames` frames uniformly in time (policy in the module docstring). `max_side`: frames whose longer
+def read_frames(path, num_frames, max_side=1024, seek_gap=2.0, pick=None):
+    """Read `num_frames` frames uniformly in time (policy in the module docstring), or at the times `pick(duration)`
+    returns (seconds from the stream start, one per output frame, any order; each takes the frame on screen then, as
+    the uniform targets do): the temporal probes' frame choice (`variant_times`). `max_side`: frames whose longer
     side exceeds it are scaled down while decoding (a 4K RGB frame is 25 MB and the models resize to 384/336 anyway);
     None keeps full resolution, which is what bit-parity with an HF pipeline fed full frames needs. `seek_gap`
     (seconds): without a seek index, seek only when the next target is further ahead than this.
@@ -135,18 +137,23 @@ def read_frames(path, num_frames, max_side=1024, seek_gap=2.0):
     container, stream = _open(path)
     try:
         with container:
-            return _read(container, stream, path, num_frames, max_side, seek_gap)
+            return _read(container, stream, path, num_frames, max_side, seek_gap, pick)
     except (av.error.FFmpegError, OSError, ValueError) as e:  # FFmpeg's errors, and PyAV's on damaged data
         raise VideoError(path, "decode_error", e) from e
 
 
-def _read(container, stream, path, num_frames, max_side, seek_gap):
+def _read(container, stream, path, num_frames, max_side, seek_gap, pick=None):
     tb = stream.time_base                              # seconds per timestamp unit (Fraction)
     stream.codec_context.thread_type = "AUTO"          # frame + slice threads; seeking flushes them
     start = stream.start_time or 0
     duration = max(_duration(container, stream), 0)
     # segment midpoints, in stream timestamp units: start + (2i+1)·D/(2N)
     targets = [start + (2 * i + 1) * duration // (2 * num_frames) for i in range(num_frames)]
+    if pick is not None:  # chosen times (s), clamped into the clip; visited sorted, returned in the order asked
+        seconds = pick(float(duration * tb))
+        assert len(seconds) == num_frames, (len(seconds), num_frames)
+        targets = [start + min(max(round(Fraction(t) / tb), 0), max(duration - 1, 0)) for t in seconds]  # nearest tick
+    order = sorted(range(num_frames), key=targets.__getitem__)
     keyframes = sorted(e.timestamp for e in stream.index_entries if e.is_keyframe)  # empty without an index
     gap = int(seek_gap / tb)
     frames = container.decode(stream)                  # generator: demux + decode from the current position
@@ -159,7 +166,7 @@ def _read(container, stream, path, num_frames, max_side, seek_gap):
             raise VideoError(path, "decode_error", "decoded frames carry no timestamps, so time cannot be sampled")
         return frame.pts
 
-    for t in targets:
+    for t in (targets[k] for k in order):
         position = pts(ahead) if ahead is not None else pts(last) if last is not None else start
         if ahead is None or pts(ahead) <= t:
             # seek only when the keyframe at or before t lies beyond what we have decoded (no index: t is far)
@@ -200,6 +207,7 @@ def _read(container, stream, path, num_frames, max_side, seek_gap):
             arrays[pts(frame)] = np.rot90(_rgb(frame, size), k=rotation // 90)  # counter-clockwise, as displayed
         chosen.append(pts(frame))
 
+    chosen = [p for _, p in sorted(zip(order, chosen))]  # back to the order of `targets`
     out = np.ascontiguousarray(np.stack([arrays[p] for p in chosen]))
     info = {
         "timestamps": [float(p * tb) for p in chosen],
@@ -352,6 +360,59 @@ def decode_video(path, num_frames, family, image_size, max_side=1024):
     return preprocess(frames, family, image_size).numpy(), info["unique_frames"]
 
 
+# -----------------------------------------------------------------------------
+# temporal-risk probes (bench.py --temporal): the same clip with its risky span `[start, end)` (seconds from the
+# stream start) late or sparse in the frames the model sees
+
+
+def parse_variant(name):
+    """"late" -> ("late", None); "sparse16" -> ("sparse", 16); anything else is an error naming the forms."""
+    if name == "late":
+        return "late", None
+    if name.startswith("sparse") and name[6:].isdigit() and int(name[6:]) >= 1:
+        return "sparse", int(name[6:])
+    raise ValueError(f"temporal variant {name!r}: use late or sparseN (N frames over the whole clip), e.g. sparse8")
+
+
+def midpoints(a, b, n):
+    """n times splitting [a, b) into equal segments, each its segment's midpoint (read_frames' uniform policy)."""
+    return [a + (i + 0.5) * (b - a) / n for i in range(n)]
+
+
+def variant_times(variant, duration, span, num_frames):
+    """The times (s from the start, in the order the model sees them) a variant samples. sparseN: N uniform over the
+    clip. late: the risky span fills only the last 10% of `num_frames` (at least one frame, midpoints of the span);
+    the other 90% are uniform over the clip before the span, or after it when the span opens the clip (then the
+    order is after-then-span: the clip cut and the span moved to the end); a span that covers the whole clip leaves
+    nothing outside it, so every frame is inside."""
+    kind, n = parse_variant(variant)
+    if kind == "sparse":
+        return midpoints(0.0, duration, n)
+    start, end = max(0.0, float(span[0])), min(duration, float(span[1]))
+    if not end > start:
+        raise ValueError(f"risk_span {list(span)} lies outside the clip (0 to {duration:.3f} s)")
+    n_in = max(1, round(0.1 * num_frames))
+    outside = (0.0, start) if start > 0 else (end, duration) if end < duration else None
+    if outside is None:
+        return midpoints(start, end, num_frames)
+    return midpoints(*outside, num_frames - n_in) + midpoints(start, end, n_in)
+
+
+def decode_variant(path, variant, span, num_frames, family, image_size, max_side=1024):
+    """One video as a temporal variant sees it -> (pixel_values float32 numpy (F, 3, S, S), frames info: variant,
+    timestamps (s from the start, per frame), inside (frames whose timestamp lies in the span [start, end)),
+    num_frames, in_span_fraction). F = num_frames for late, N for sparseN. Runs in a decode worker."""
+    kind, n = parse_variant(variant)
+    n = num_frames if kind == "late" else n
+    frames, info = read_frames(path, n, max_side=max_side,
+                               pick=lambda duration: variant_times(variant, duration, span, num_frames))
+    times = [t - info["start_time"] for t in info["timestamps"]]
+    inside = sum(span[0] <= t < span[1] for t in times)
+    return preprocess(frames, family, image_size).numpy(), dict(
+        variant=variant, timestamps=[round(t, 4) for t in times], inside=inside, num_frames=n,
+        in_span_fraction=inside / n)
+
+
 def _decode_one(decode_fn, path, decode_args):
     """("ok", result) or ("error", reason, message): what a worker sends back for one video."""
     try:
@@ -360,6 +421,12 @@ def _decode_one(decode_fn, path, decode_args):
         return ("error", e.reason, str(e))
     except Exception as e:  # PyAV can raise anything on a hostile file: one video's problem, not the run's
         return ("error", "unexpected_error", f"{type(e).__name__}: {e}")
+
+
+def item_args(item):
+    """An item's own decode arguments (its "decode_args", e.g. a temporal variant and span), passed to decode_fn
+    before the stream's shared ones."""
+    return tuple(item.get("decode_args", ()))
 
 
 def _worker(conn, decode_fn, decode_args):
@@ -373,14 +440,15 @@ def _worker(conn, decode_fn, decode_args):
     torch.set_num_threads(1)  # several workers beside the model: do not oversubscribe the cores
     while True:
         try:
-            path = conn.recv()
+            got = conn.recv()
         except (EOFError, OSError):
             return
-        if path is None:
+        if got is None:
             return
+        path, item_args = got
         # a pipe per worker, written synchronously: a worker killed mid-send corrupts only its own pipe
         try:
-            conn.send(_decode_one(decode_fn, path, decode_args))
+            conn.send(_decode_one(decode_fn, path, item_args + decode_args))
         except OSError:  # the main process is gone
             return
 
@@ -390,19 +458,20 @@ class decode_inline:
     (item, message) like DecodePool; close() is a no-op."""
 
     def __init__(self, items, decode_fn, decode_args):
-        self.items, self.decode_fn, self.decode_args = items, decode_fn, decode_args
+        self.items, self.decode_fn, self.decode_args = items, decode_fn, tuple(decode_args)
 
     def __iter__(self):
         for item in self.items:
-            yield item, _decode_one(self.decode_fn, item["path"], self.decode_args)
+            yield item, _decode_one(self.decode_fn, item["path"], item_args(item) + self.decode_args)
 
     def close(self):
         pass
 
 
 class DecodePool:
-    """Decode `items` (dicts with a "path") in `workers` background processes, fed by a thread of this process, so
-    decoding goes on while the caller computes (work starts at construction). Iterate for (item, message), message
+    """Decode `items` (dicts with a "path", optionally their own "decode_args": see item_args) in `workers` background
+    processes, fed by a thread of this process, so decoding goes on while the caller computes (work starts at
+    construction). Iterate for (item, message), message
     ("ok", decode_fn's result) or ("error", reason, text): in completion order, or in the items' order with
     `ordered=True`. At most `capacity` videos are in flight or waiting to be consumed (memory bound). A worker busy
     past `timeout` seconds is killed and replaced ("decode_timeout"); one that dies is replaced too ("decode_crash").
@@ -415,7 +484,7 @@ class DecodePool:
         # thread pools), and each starts in milliseconds once the server has imported torch and PyAV
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([__name__])
-        self.items, self.decode_fn, self.decode_args = items, decode_fn, decode_args
+        self.items, self.decode_fn, self.decode_args = items, decode_fn, tuple(decode_args)
         self.workers, self.timeout, self.capacity, self.ordered = workers, timeout, max(capacity, workers), ordered
         self.results, self.stop = queue.Queue(), threading.Event()
         self.pending, self.next_out = {}, 0  # ordered: results waiting for an earlier item
@@ -475,7 +544,7 @@ class DecodePool:
                         if w["item"] is None:
                             exhausted = True
                         else:
-                            w["conn"].send(w["item"]["path"])
+                            w["conn"].send((w["item"]["path"], item_args(w["item"])))
                             w["k"], w["since"], k = k, time.monotonic(), k + 1
                 busy = [w for w in pool if w["item"] is not None]
                 if exhausted and not busy:

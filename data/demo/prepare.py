@@ -5,6 +5,9 @@ captions; and, after the loop, the demo's closing table.
 
     python data/demo/prepare.py [--out=out/demo] [--variants=3] [--pretrain_variants=8]
     python data/demo/prepare.py --out=out/demo --summary=True     # after the loop: the demo's closing table
+    python data/demo/prepare.py --out=out/demo --risk_spans=True  # after the split: items.temporal.jsonl, then
+    python bench.py config/bench_demo.py --items=out/demo/items.temporal.jsonl --model=out/demo/dpo/final \
+        --out_dir=out/demo/bench_temporal --temporal=late,sparse2,sparse4
 
 Then `generate_pairs.py config/pairs_demo.py` over the captions and `data/demo/pretrain.py` make the base model
 (see the Makefile's demo target for the whole recipe).
@@ -69,6 +72,23 @@ def summary(out):
     return lines
 
 
+CLIP_SECONDS = 16 / 8  # render's 16 frames at write_video's 8 fps
+
+
+def risk_items(out):
+    """<out>/pairs.heldout.jsonl -> <out>/items.temporal.jsonl: the held-out bench items, each harmful one on a risky
+    scene's clip with `risk_span` [0, 2.0] s -- the demo's risky clips show their risk throughout, so the whole clip
+    is the honest span -- for bench.py --temporal. Returns (path, items with a span)."""
+    items = records.read_records(os.path.join(out, "pairs.heldout.jsonl"))
+    for it in items:
+        scene = scene_of(it["video"])
+        if it["query_type"] == "harmful" and scene and SCENES[scene]["risky"]:
+            it["risk_span"] = [0.0, CLIP_SECONDS]
+    path = os.path.join(out, "items.temporal.jsonl")
+    records.write_records(path, items)
+    return path, sum("risk_span" in it for it in items)
+
+
 def write_clips(folder, seed, split, variants):
     """`variants` clips per scene class in `folder`, named `<scene>_<k>.mp4`; returns [(relative path, caption)]."""
     os.makedirs(folder, exist_ok=True)
@@ -98,5 +118,12 @@ def main(out="out/demo", variants=3, pretrain_variants=8, seed=0):
 
 if __name__ == "__main__":
     from configurator import configure
-    cfg = configure(dict(out="out/demo", variants=3, pretrain_variants=8, seed=0, summary=False), sys.argv[1:])
-    summary(cfg["out"]) if cfg.pop("summary") else main(**cfg)
+    cfg = configure(dict(out="out/demo", variants=3, pretrain_variants=8, seed=0, summary=False, risk_spans=False),
+                    sys.argv[1:])
+    if cfg.pop("risk_spans"):
+        path, n = risk_items(cfg["out"])
+        print(f"{path}: the held-out items, {n} harmful ones on risky clips with a risk_span (bench.py --temporal)")
+    elif cfg.pop("summary"):
+        summary(cfg["out"])
+    else:
+        main(**cfg)
