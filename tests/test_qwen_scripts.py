@@ -15,9 +15,9 @@ Checks:
 - bench: an answer and a judgment for every held-out item, a complete summary, report.md and the plots;
 - export: dpo's final/ loads in transformers' Qwen2_5_VLForConditionalGeneration and its fp32 logits equal ours
   (max |Δ| <= 1e-4) on a video prompt and answer;
-- grouped DPO rows on 3-D positions: the per-response log-probs of one row [video | q1 c1 r1 | q2 c2 r2 | q3 c3 r3]
-  from dpo's PairScorer / pair_logps equal transformers' full forwards of [video q_i c_i] and [video q_i r_i]
-  (fp32, 1e-5 relative); with the branch positions not restarted they do not (the check can fail).
+- grouped DPO rows on 3-D positions: the per-response log-probs of a batch of two rows [video | q1 c1 r1 | q2 c2 r2
+  | q3 c3 r3] (two videos, one row padded) from dpo's PairScorer / pair_logps equal transformers' full forwards of
+  [video q_i c_i] and [video q_i r_i] (fp32, 1e-5 relative); with the branch positions not restarted they do not.
 """
 import json
 import math
@@ -179,33 +179,37 @@ def test_export_loads_in_transformers_with_equal_logits(loop):
 # grouped rows on multimodal RoPE
 
 
-def test_grouped_row_mrope_equals_separate_transformers_forwards(tmp_path):
+def test_grouped_rows_mrope_equal_separate_transformers_forwards(tmp_path):
+    """Two videos in one batch: a row [video v | q1 c1 r1 | q2 c2 r2 | q3 c3 r3] and a shorter, padded row
+    [video w | q4 c4 r4 | q5 c5 r5]."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", family="qwen2_5_vl", tie=False, seed=3)
     tok, vlm, hf = Tokenizer.from_pretrained(ckpt), VLM.from_pretrained(ckpt), hf_load(ckpt)
     write_video(tmp_path / "v.mp4", num_frames=7)
-    frames = frames_of(str(tmp_path), "v.mp4")
+    write_video(tmp_path / "w.mp4", num_frames=3, size=(64, 48))
+    frames = {v: frames_of(str(tmp_path), v) for v in ("v.mp4", "w.mp4")}
     g = torch.Generator().manual_seed(0)
     low = min(tok.special.values())
     rand = lambda n: torch.randint(0, low, (n,), generator=g).tolist()  # noqa: E731
-    queries = ["What happens?", "Describe the video in detail please.", "Is it safe?"]
-    items = [dict(id=f"x{k}", video="v.mp4", category="c", pixels=frames,
+    queries = ["What happens?", "Describe the video in detail please.", "Is it safe?", "Who?", "Tell me how."]
+    items = [dict(id=f"x{k}", video="v.mp4" if k < 3 else "w.mp4", category="c",
                   prompt_ids=tok.video_prompt(q, vlm.num_video_tokens(NUM_FRAMES)),
-                  chosen_ids=rand(2 + 3 * k), rejected_ids=rand(5 - k)) for k, q in enumerate(queries)]
+                  chosen_ids=rand(2 + 3 * k % 7), rejected_ids=rand(5 - k)) for k, q in enumerate(queries)]
+    items = [dict(it, pixels=frames[it["video"]]) for it in items]
     batch = packing.collate(items, True, tok.pad_id, max_pairs=8)
-    assert batch["input_ids"].shape[0] == 1 and batch["layout"].shape == (1, 1 + 3 * len(items))  # one grouped row
+    assert batch["layout"].shape == (2, 1 + 3 * 3) and batch["pixels"].shape[0] == 2  # two grouped rows
     with torch.no_grad():
         chosen, rejected, _, _ = dpo.pair_logps(dpo.PairScorer(vlm), batch, "cpu")
         want = []
         for it in items:
             for resp in (it["chosen_ids"], it["rejected_ids"]):
-                P = len(it["prompt_ids"])
-                logp = torch.log_softmax(hf(**hf_inputs(vlm, it["prompt_ids"] + resp, frames)).logits[0].double(), -1)
+                P, x = len(it["prompt_ids"]), hf_inputs(vlm, it["prompt_ids"] + resp, it["pixels"])
+                logp = torch.log_softmax(hf(**x).logits[0].double(), -1)
                 want.append(sum(logp[P - 1 + k, t].item() for k, t in enumerate(resp)))
-        # the negative control: the same row with positions 0..T-1 (branches not restarted after the prefix)
-        flat = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
+        # the negative control: positions 0..T-1 (branches not restarted after the prefix) must give other values
+        flat = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["position_ids"]))
         wrong, _, _, _ = dpo.pair_logps(dpo.PairScorer(vlm), flat, "cpu")
-    got = torch.stack([chosen, rejected], 1).flatten().tolist()  # [c1, r1, c2, r2, c3, r3]
-    print(f"grouped row vs transformers: max relative |Δ| log-probs "
+    got = torch.stack([chosen, rejected], 1).flatten().tolist()  # [c1, r1, c2, r2, ...]
+    print(f"grouped rows vs transformers: max relative |Δ| log-probs "
           f"{max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, want)):.2e}")
     for k, (a, b) in enumerate(zip(got, want)):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (k, a, b)
