@@ -15,6 +15,8 @@ Checks:
 - bench: an answer and a judgment for every held-out item, a complete summary, report.md and the plots;
 - export: dpo's final/ loads in transformers' Qwen2_5_VLForConditionalGeneration and its fp32 logits equal ours
   (max |Δ| <= 1e-4) on a video prompt and answer;
+- config/qwen2_5_vl.py on the 7B's config.json: known keys only, FSDP2 + activation checkpointing, 8.29B
+  parameters, the video leaves room for responses, dpo.plan's per-GPU total fits gpu_memory_gb, 128 pairs a step;
 - grouped DPO rows on 3-D positions: the per-response log-probs of a batch of two rows [video | q1 c1 r1 | q2 c2 r2
   | q3 c3 r3] (two videos, one row padded) from dpo's PairScorer / pair_logps equal transformers' full forwards of
   [video q_i c_i] and [video q_i r_i] (fp32, 1e-5 relative); with the branch positions not restarted they do not.
@@ -30,7 +32,7 @@ import torch
 
 import dpo
 import packing
-from model import VLM, patchify
+from model import VLM, parse_config, patchify
 from tests.media import write_video
 from tests.tiny import make_tiny_checkpoint
 from tokenizer import Tokenizer
@@ -214,3 +216,34 @@ def test_grouped_rows_mrope_equal_separate_transformers_forwards(tmp_path):
     for k, (a, b) in enumerate(zip(got, want)):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (k, a, b)
     assert max(abs(a - b) for a, b in zip(wrong.tolist(), want[0::2])) > 1e-3, "the check cannot see positions"
+
+
+# -----------------------------------------------------------------------------
+# config/qwen2_5_vl.py: the 7B recipe fits its GPUs
+
+# Qwen/Qwen2.5-VL-7B-Instruct's config.json (4.x layout: the text fields at the top level), the fields we read
+QWEN7B = {"model_type": "qwen2_5_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+          "vocab_size": 152064, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
+          "video_token_id": 151656, "image_token_id": 151655, "hidden_act": "silu",
+          "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+          "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                            "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                            "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                            "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}}
+
+
+def test_7b_recipe_fits_8_gpus(tmp_path):
+    from configurator import configure
+    (tmp_path / "config.json").write_text(json.dumps(QWEN7B))
+    cfg = configure(dpo.DEFAULTS, [os.path.join(REPO, "config", "qwen2_5_vl.py"), f"--init_from={tmp_path}",
+                                   "--plan_world=8", "--device=cuda"])  # unknown keys in the file would raise
+    assert cfg["fsdp"] and cfg["activation_checkpointing"] and cfg["dtype"] == "bfloat16"
+    out = dpo.plan(cfg)
+    assert abs(out["parameters"] * 8 / 4 - 8.29e9) < 0.005 * 8.29e9  # fp32 over 8 shards: the model card's 8.29B
+    assert out["gradients"] == out["optimizer"] / 2 < out["parameters"]  # the frozen ViT and merger have neither
+    with torch.device("meta"):
+        vlm = VLM(parse_config(QWEN7B))
+    assert cfg["max_len"] - vlm.num_video_tokens(cfg["num_frames"]) >= 2048  # a prompt and two ~1000-token responses
+    assert out["total_checkpointed"] <= cfg["gpu_memory_gb"] * dpo.GiB, out["total_checkpointed"] / dpo.GiB
+    assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] * 8 == 128  # pairs per optimizer step, as llava.py
