@@ -30,6 +30,7 @@ import sys
 import pytest
 import torch
 
+import describe
 import dpo
 import packing
 from model import VLM, parse_config, patchify
@@ -109,7 +110,7 @@ def test_describe_every_clip_as_transformers_generates(loop):
     assert sorted(records) == sorted(CLIPS), sorted(records)
     assert all(r["description"] and r["num_frames"] == NUM_FRAMES for r in records.values())
     tok, vlm, hf = Tokenizer.from_pretrained(loop["ckpt"]), VLM.from_pretrained(loop["ckpt"]), hf_load(loop["ckpt"])
-    prompt = open(os.path.join(REPO, "data/prompts/describe.txt")).read().strip()
+    prompt = describe.load_prompt(describe.DEFAULTS["prompt"])  # what describe.py sent
     ids = tok.video_prompt(prompt, vlm.num_video_tokens(NUM_FRAMES))
     assert ids.count(vlm.config.video_token_id) == 2 * 16 * 16  # 2 frame pairs x (448/28)^2 merged blocks
     for clip in ("a.mp4", "c/d.mkv"):
