@@ -2,6 +2,7 @@
 
     from tests.tiny import make_tiny_checkpoint
     path = make_tiny_checkpoint(tmp_path / "ckpt")              # llava_onevision, with a byte-level BPE tokenizer
+    path = make_tiny_checkpoint(tmp_path / "q", family="qwen2_5_vl")  # Qwen2.5-VL, its <|vision_start|>... specials
 
 Weights are re-initialised at a visible scale (N(0, 1/fan_in), norms U(0.5, 1.5)): the default init gives logits of
 ~0.5, which hides bugs. The SigLIP grid is odd (35/7 = 5 patches a side, pooled with a ceiling to 3).
@@ -21,12 +22,26 @@ CORPUS = [
     "Describe the video in detail. What happens first, and what next?",
     "Two people talk in a park; a dog runs across the grass.",
 ] * 4
+# Qwen2.5-VL's added tokens, in the hub's order (ids 151643.. there, right after the BPE vocab here)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
 
 
 def hf_config(family="llava_onevision", tie=True, kv_heads=2, vocab_size=256, video_token_id=255, image_token_id=254,
               rope_scaling=None, feature_layer=None):
     """A transformers config for a tiny model of `family` (dict sub-configs)."""
-    from transformers import LlavaNextVideoConfig, LlavaOnevisionConfig
+    from transformers import LlavaNextVideoConfig, LlavaOnevisionConfig, Qwen2_5_VLConfig
+    if family == "qwen2_5_vl":  # 2 windowed + 2 full-attention ViT blocks; head_dim 16 = 2 x (2 + 3 + 3) mrope
+        vision = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                      fullatt_block_indexes=[1, 3], window_size=112, tokens_per_second=2)
+        text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
+                    rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3]), tie_word_embeddings=tie,
+                    bos_token_id=None, eos_token_id=None)
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, video_token_id=video_token_id,
+                                image_token_id=image_token_id,  # hub order: ..., vision_start, vision_end, image, video
+                                vision_start_token_id=video_token_id - 3,
+                                vision_end_token_id=video_token_id - 2, tie_word_embeddings=tie)
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                 num_attention_heads=8, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
                 max_position_embeddings=4096)
@@ -51,15 +66,16 @@ def hf_config(family="llava_onevision", tie=True, kv_heads=2, vocab_size=256, vi
 
 def hf_model(config, seed=0):
     """The transformers model for `config`, re-initialised at a visible scale, fp32, eval mode."""
-    from transformers import LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration
-    cls = (LlavaOnevisionForConditionalGeneration if config.model_type == "llava_onevision"
-           else LlavaNextVideoForConditionalGeneration)
+    from transformers import (LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+                              Qwen2_5_VLForConditionalGeneration)
+    cls = {"llava_onevision": LlavaOnevisionForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+           "llava_next_video": LlavaNextVideoForConditionalGeneration}[config.model_type]
     torch.manual_seed(seed)
     model = cls(config).float().eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
+            if p.ndim == 1 and ("norm" in name or "ln_q" in name):  # ln_q: Qwen2.5-VL's merger norm
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             elif p.ndim == 1:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
@@ -72,7 +88,8 @@ def hf_model(config, seed=0):
 
 def make_tiny_checkpoint(path, family="llava_onevision", tie=True, seed=0, tokenizer=True):
     """Write a tiny random HF checkpoint (config.json, model.safetensors, and a tokenizer whose special ids match
-    the config: byte-level BPE for llava_onevision, Llama-style for llava_next_video) to `path`; returns str(path)."""
+    the config: byte-level BPE for llava_onevision and qwen2_5_vl, Llama-style for llava_next_video) to `path`;
+    returns str(path)."""
     path = str(path)
     os.makedirs(path, exist_ok=True)
     vocab_size, video_id, image_id = 256, 255, 254
@@ -83,11 +100,12 @@ def make_tiny_checkpoint(path, family="llava_onevision", tie=True, seed=0, token
         vocab_size = 64 * math.ceil((max(ids.values()) + 1) / 64)
     elif tokenizer:
         from data.demo.tokenizer import train_byte_bpe, write_tokenizer  # pure-Python BPE trainer
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-        tok = train_byte_bpe(CORPUS, vocab_size=300, special_tokens=specials)  # specials get ids 300..304
+        qwen = family == "qwen2_5_vl"
+        specials = QWEN_SPECIALS if qwen else ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+        tok = train_byte_bpe(CORPUS, vocab_size=300, special_tokens=specials)  # specials get ids 300, 301, ...
         write_tokenizer(path, tok)
         ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-        video_id, image_id = ids["<video>"], ids["<image>"]
+        video_id, image_id = (ids["<|video_pad|>"], ids["<|image_pad|>"]) if qwen else (ids["<video>"], ids["<image>"])
         vocab_size = 64 * math.ceil((max(ids.values()) + 1) / 64)  # padded like the hub checkpoints
     config = hf_config(family, tie=tie, vocab_size=vocab_size, video_token_id=video_id, image_token_id=image_id)
     hf_model(config, seed).save_pretrained(path)
