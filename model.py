@@ -9,6 +9,11 @@ and brings its own vision tower (section "Qwen2.5-VL vision tower": 3-D patch em
 2x2 patch merger); it takes the processor's inputs (`pixel_values_videos` as flattened patches, `video_grid_thw`,
 `second_per_grid_ts`) and matches transformers' logits (tests/test_model_qwen.py).
 
+`qwen3_vl` (Qwen3-VL) reuses that machinery with a Qwen3 decoder (q/k RMSNorm per head, interleaved multimodal RoPE)
+and its own tower (section "Qwen3-VL vision tower": learned position grid, LayerNorm/GELU blocks, no windows, DeepStack
+features added into the first LM layers); it takes the processor's ids, with a timestamp between frame pairs, and
+matches transformers' logits (tests/test_model_qwen3.py).
+
 Module names equal the 4.x hub checkpoint names of the LLaVA families (`language_model.model.layers.0.self_attn.
 q_proj.weight`, ...), so loading is an identity map after normalising the key layouts found in the wild. Qwen2.5-VL
 keeps the same attribute names (`vision_tower`, `multi_modal_projector` = its merger, `language_model`), so the
@@ -27,7 +32,8 @@ from safetensors.torch import save_file
 
 from kernels import attention
 
-FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_5_vl")
+FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # the ViT + patch-merger families with 3-D text positions
 # files copied next to the weights by save_pretrained, so a saved dir is a complete checkpoint
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
               "chat_template.jinja", "generation_config.json", "preprocessor_config.json", "processor_config.json",
@@ -68,6 +74,8 @@ class TextConfig:
     eps: float
     qkv_bias: bool  # Qwen2 has q/k/v biases, Llama none
     mrope_section: tuple = ()  # Qwen2.5-VL: rotary frequency pairs given to the (t, h, w) positions; () = plain RoPE
+    mrope_interleaved: bool = False  # Qwen3-VL: pairs cycle t, h, w (h, w up to 3·section each) instead of chunks
+    qk_norm: bool = False  # Qwen3: RMSNorm over each query / key head before RoPE
 
 
 @dataclass
@@ -105,6 +113,8 @@ def parse_config(raw):
         raise ValueError(f"config.json has model_type {family!r}; supported: {', '.join(FAMILIES)}")
     if family == "qwen2_5_vl":
         return parse_qwen_config(raw)
+    if family == "qwen3_vl":
+        return parse_qwen3_config(raw)
     vision_kind, text_kind = FAMILY_PARTS[family]
     v = {**VISION_DEFAULTS[vision_kind], **{k: x for k, x in raw.get("vision_config", {}).items() if x is not None}}
     t = {**TEXT_DEFAULTS[text_kind], **{k: x for k, x in raw.get("text_config", {}).items() if x is not None}}
@@ -165,6 +175,8 @@ class QwenVisionConfig:
     tokens_per_second: int  # temporal RoPE positions per second of video
     rope_theta: float
     image_size: int = 448  # frame side of the fixed-size path (pixel_values_videos (B, F, 3, S, S)), a multiple of 28
+    num_position_embeddings: int = 0  # Qwen3-VL: a learned side x side grid, resampled to each frame's patch grid
+    deepstack_layers: tuple = ()  # Qwen3-VL: blocks whose outputs (merged) are added into the first LM layers
 
     @property
     def merge_window(self):  # window side in merged tokens
@@ -223,6 +235,67 @@ def parse_qwen_config(raw):
     )
     assert cfg.text.num_heads % cfg.text.num_kv_heads == 0, "query heads must be a multiple of kv heads"
     assert cfg.vision.hidden_size % cfg.vision.num_heads == 0 and cfg.vision.out_hidden_size == cfg.text.hidden_size
+    return cfg
+
+
+QWEN3_VISION_DEFAULTS = dict(depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh", intermediate_size=4304,
+                             num_heads=16, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                             out_hidden_size=3584, num_position_embeddings=2304,
+                             deepstack_visual_indexes=[8, 16, 24])  # transformers' Qwen3VLVisionConfig
+QWEN3_TEXT_DEFAULTS = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-6,
+                           hidden_act="silu", attention_bias=False, rope_theta=500000.0)  # Qwen3VLTextConfig
+
+
+def parse_qwen3_config(raw):
+    """Qwen3-VL config.json -> VLMConfig. Text fields under text_config; RoPE in 4.57's `rope_scaling` + `rope_theta`
+    or 5.x's `rope_parameters`, both {mrope_section, mrope_interleaved}."""
+    v = {**QWEN3_VISION_DEFAULTS, **{k: x for k, x in raw.get("vision_config", {}).items() if x is not None}}
+    text_raw = raw.get("text_config") or {}
+    t = {**QWEN3_TEXT_DEFAULTS, **{k: x for k, x in text_raw.items() if x is not None and k in QWEN3_TEXT_DEFAULTS}}
+    if t["num_key_value_heads"] is None:
+        t["num_key_value_heads"] = t["num_attention_heads"]
+    rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise ValueError(f"qwen3_vl text RoPE type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                         f"(only the default multimodal RoPE)")
+    if t["attention_bias"]:
+        raise ValueError("qwen3_vl with attention_bias=true is not supported (no released checkpoint uses it)")
+    for where, act, ok in (("vision_config", v["hidden_act"], "gelu_pytorch_tanh"),
+                           ("text_config", t["hidden_act"], "silu")):
+        if act != ok:
+            raise ValueError(f"qwen3_vl {where}.hidden_act {act!r} is not supported (only {ok})")
+    side = math.isqrt(v["num_position_embeddings"])
+    assert side * side == v["num_position_embeddings"], "num_position_embeddings must be a square grid"
+    section = tuple(rope.get("mrope_section", (24, 20, 20)))
+    if sum(section) != t["head_dim"] // 2:
+        raise ValueError(f"qwen3_vl mrope_section {list(section)} must sum to head_dim/2 = {t['head_dim'] // 2}")
+    vision_rope = v.get("rope_parameters") or {}
+    cfg = VLMConfig(
+        family="qwen3_vl",
+        vision=QwenVisionConfig(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                                num_layers=v["depth"], num_heads=v["num_heads"], patch_size=v["patch_size"],
+                                temporal_patch_size=v["temporal_patch_size"], merge_size=v["spatial_merge_size"],
+                                window_size=0, full_attention_layers=tuple(range(v["depth"])),  # no windows
+                                out_hidden_size=v["out_hidden_size"], tokens_per_second=0,  # time is in the prompt
+                                rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+                                num_position_embeddings=v["num_position_embeddings"],
+                                deepstack_layers=tuple(v["deepstack_visual_indexes"])),
+        text=TextConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+                        intermediate_size=t["intermediate_size"], num_layers=t["num_hidden_layers"],
+                        num_heads=t["num_attention_heads"], num_kv_heads=t["num_key_value_heads"],
+                        head_dim=t["head_dim"], rope_theta=float(rope.get("rope_theta", t["rope_theta"])),
+                        rope_factor=1.0, eps=t["rms_norm_eps"], qkv_bias=False, mrope_section=section,
+                        mrope_interleaved=True, qk_norm=True),  # interleaved whatever the config flag says
+        video_token_id=raw.get("video_token_id", 151656),
+        image_token_id=raw.get("image_token_id", 151655),
+        feature_layers=[], select_strategy="full",
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False) or text_raw.get("tie_word_embeddings", False)),
+        raw=raw,
+    )
+    assert cfg.text.num_heads % cfg.text.num_kv_heads == 0, "query heads must be a multiple of kv heads"
+    assert cfg.vision.hidden_size % cfg.vision.num_heads == 0 and cfg.vision.out_hidden_size == cfg.text.hidden_size
+    assert len(cfg.vision.deepstack_layers) <= cfg.text.num_layers, "more DeepStack levels than LM layers"
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -349,11 +422,17 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(position_ids, c, dtype):
     """cos, sin (B, T, hd) for rotate-half RoPE with +theta; inverse frequencies in fp32. position_ids (B, T), or
     (3, B, T) (t, h, w) for multimodal RoPE: frequency pair i takes its angle from the axis its mrope_section chunk
-    names (chunks t, h, w in turn), so equal t = h = w (text) gives plain RoPE."""
+    names (chunks t, h, w in turn), so equal t = h = w (text) gives plain RoPE. mrope_interleaved (Qwen3-VL): pair i
+    turns with h if i % 3 == 1 and i < 3·section[1], with w if i % 3 == 2 and i < 3·section[2], else with t."""
     exponent = torch.arange(0, c.head_dim, 2, device=position_ids.device).float() / c.head_dim
     inv_freq = 1.0 / (c.rope_theta ** exponent) / c.rope_factor  # linear scaling divides positions by the factor
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2) or (3, B, T, hd/2)
-    if position_ids.dim() == 3:
+    if position_ids.dim() == 3 and c.mrope_interleaved:
+        axis = torch.zeros(freqs.shape[-1], dtype=torch.long, device=freqs.device)  # which of t, h, w per pair
+        axis[1:3 * c.mrope_section[1]:3] = 1
+        axis[2:3 * c.mrope_section[2]:3] = 2
+        freqs = freqs.gather(0, axis.expand_as(freqs[:1]))[0]
+    elif position_ids.dim() == 3:
         freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(list(c.mrope_section), -1))], -1)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -374,6 +453,9 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.eps)
+            self.k_norm = RMSNorm(c.head_dim, c.eps)
         self.attn_impl = "auto"  # kernels.attention's impl; VLM.set_attn_impl sets every layer's
 
     def forward(self, x, cos, sin, layout=None, cache=None):
@@ -381,6 +463,8 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.c.num_heads, -1).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.c.num_kv_heads, -1).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.c.num_kv_heads, -1).transpose(1, 2)
+        if self.c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # training / scoring: one op that knows causal, padding and prefix-shared pairs
             o = attention(q, k, v, causal=True, layout=layout, impl=self.attn_impl)
@@ -562,6 +646,93 @@ class QwenMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
 
 # -----------------------------------------------------------------------------
+# Qwen3-VL vision tower: the Qwen2.5-VL patch order, 2-D RoPE and frame segments, with LayerNorm / tanh-GELU blocks,
+# 16-pixel patches (a conv with bias), learned position embeddings resampled to each frame's grid, attention over the
+# whole frame pair in every block (no windows), and DeepStack: the outputs of `deepstack_layers` blocks, each through
+# its own patch merger, are added to the LM's hidden states at the video positions after its first layers.
+
+
+class Qwen3MLP(nn.Module):  # the blocks' MLP (tanh GELU); with a LayerNorm in front, a patch merger (erf GELU)
+    def __init__(self, dim, hidden, out, approximate):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(dim, hidden)
+        self.linear_fc2 = nn.Linear(hidden, out)
+        self.approximate = approximate
+
+    def forward(self, x):
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
+
+
+class Qwen3Merger(Qwen3MLP):
+    def __init__(self, c, postshuffle):
+        wide = c.hidden_size * c.merge_size ** 2
+        super().__init__(wide, wide, c.out_hidden_size, "none")
+        self.postshuffle = postshuffle  # DeepStack mergers normalise the joined m² patches, the final one each patch
+        self.norm = nn.LayerNorm(wide if postshuffle else c.hidden_size, eps=1e-6)
+
+    def forward(self, x):  # (N, D) -> (N / m², H): each run of m² patches (one 2x2 block) becomes one token
+        wide = self.linear_fc1.in_features
+        x = self.norm(x.view(-1, wide)) if self.postshuffle else self.norm(x).view(-1, wide)
+        return super().forward(x)
+
+
+class Qwen3VisionBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.hidden_size, eps=1e-6)  # eps fixed in transformers, not in the config
+        self.attn = QwenVisionAttention(c)
+        self.norm2 = nn.LayerNorm(c.hidden_size, eps=1e-6)
+        self.mlp = Qwen3MLP(c.hidden_size, c.intermediate_size, c.hidden_size, "tanh")
+
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
+        return x + self.mlp(self.norm2(x))
+
+
+class Qwen3VisionTransformer(nn.Module):
+    rope = QwenVisionTransformer.rope  # the same 2-D RoPE: rows then columns, in the (t, h/2, w/2, 2, 2) order
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(
+            3, c.hidden_size, (c.temporal_patch_size, c.patch_size, c.patch_size),
+            stride=(c.temporal_patch_size, c.patch_size, c.patch_size))))
+        self.pos_embed = nn.Embedding(c.num_position_embeddings, c.hidden_size)
+        self.blocks = nn.ModuleList(Qwen3VisionBlock(c) for _ in range(c.num_layers))
+        self.deepstack_merger_list = nn.ModuleList(Qwen3Merger(c, postshuffle=True) for _ in c.deepstack_layers)
+
+    def position_embeddings(self, grid_thw):
+        """(N, D): the side x side learned grid resized to each video's h x w patches (bilinear, corners aligned),
+        in the (t, h/2, w/2, 2, 2) patch order, the same for every frame pair."""
+        c, m = self.c, self.c.merge_size
+        side = math.isqrt(c.num_position_embeddings)
+        table = self.pos_embed.weight.view(side, side, -1).permute(2, 0, 1)[None]  # (1, D, side, side)
+        rows = []
+        for t, h, w in grid_thw.tolist():
+            grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0]  # (D, h, w)
+            grid = grid.permute(1, 2, 0).reshape(h // m, m, w // m, m, -1).transpose(1, 2).reshape(h * w, -1)
+            rows.append(grid.repeat(t, 1))
+        return torch.cat(rows)
+
+    def forward(self, patches, grid_thw):
+        """patches (N, 3·tp·p·p), grid_thw (n_videos, 3) -> (N, D) last block outputs (before the merger) and the
+        DeepStack features [(N/m², H)], one per deepstack layer in block order."""
+        c = self.c
+        assert patches.shape[0] == int(grid_thw.prod(-1).sum()), "pixel_values_videos rows != sum of t·h·w"
+        conv = self.patch_embed.proj  # kernel = stride = one patch
+        x = conv(patches.to(conv.weight.dtype).view(-1, 3, *conv.kernel_size)).flatten(1)  # (N, D)
+        x = x + self.position_embeddings(grid_thw).to(x.dtype)
+        cos, sin = self.rope(grid_thw, x.device)
+        frames = [s.to(x.device) for s in vision_segments(grid_thw, c, windows=False)]
+        deepstack = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, frames)
+            if i in c.deepstack_layers:
+                deepstack.append(self.deepstack_merger_list[c.deepstack_layers.index(i)](x))
+        return x, deepstack
+
+# -----------------------------------------------------------------------------
 # the VLM
 
 
@@ -569,7 +740,10 @@ class VLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        if c.family == "qwen2_5_vl":  # the ViT; its 2x2 patch merger plays the projector
+        if c.family == "qwen3_vl":  # the ViT with its DeepStack mergers; the final 2x2 patch merger is the projector
+            self.vision_tower = Qwen3VisionTransformer(c.vision)
+            self.multi_modal_projector = Qwen3Merger(c.vision, postshuffle=False)
+        elif c.family == "qwen2_5_vl":  # the ViT; its 2x2 patch merger plays the projector
             self.vision_tower = QwenVisionTransformer(c.vision)
             self.multi_modal_projector = QwenMerger(c.vision)
         else:
@@ -594,25 +768,32 @@ class VLM(nn.Module):
 
     def num_video_tokens(self, num_frames):
         """How many <video> ids one video expands to: OV F·⌈g/2⌉²+1 (one newline), NV F·⌊g/2⌋². Qwen2.5-VL, for
-        frames of the fixed side S = vision.image_size: ⌈F/2⌉ frame pairs x (S/28)² merged blocks."""
+        frames of the fixed side S = vision.image_size: ⌈F/2⌉ frame pairs x (S/28)² merged blocks (Qwen3-VL:
+        (S/32)²)."""
         c = self.config
-        if c.family == "qwen2_5_vl":
+        if c.family in QWEN_FAMILIES:
             side = c.vision.image_size // (c.vision.patch_size * c.vision.merge_size)
             return -(-num_frames // c.vision.temporal_patch_size) * side * side
         return num_frames * self.tokens_per_frame() + (c.family == "llava_onevision")
 
     def video_features(self, pixel_values_videos, video_grid_thw=None):
         """(B, F, 3, S, S) preprocessed frames -> (B, num_video_tokens(F), H) rows for the <video> positions.
-        Qwen2.5-VL also takes the processor's patches (N, 3·2·14·14) with video_grid_thw (n, 3) -> (N/4, H)."""
+        Qwen2.5-VL also takes the processor's patches (N, 3·2·14·14) with video_grid_thw (n, 3) -> (N/4, H).
+        Qwen3-VL (patches 3·2·16·16): rows of (1 + K)·H, the merged tokens then the K DeepStack levels, so one
+        tensor carries all the video's features; `embed_with_deepstack` splits them."""
         c = self.config
-        if c.family == "qwen2_5_vl":
+        if c.family in QWEN_FAMILIES:
             B = pixel_values_videos.shape[0]
             patches, grid = pixel_values_videos, video_grid_thw
             if pixel_values_videos.dim() == 5:
                 patches, grid = patchify(pixel_values_videos, c.vision)
             elif grid is None:
                 raise ValueError("pixel_values_videos as flattened patches needs video_grid_thw (the processor's)")
-            x = self.multi_modal_projector(self.vision_tower(patches.flatten(0, -2), grid))  # (N/m², H)
+            x = self.vision_tower(patches.flatten(0, -2), grid)
+            if c.family == "qwen3_vl":  # (N/m², (1 + K)·H)
+                x = torch.cat([self.multi_modal_projector(x[0]), *x[1]], dim=-1)
+            else:
+                x = self.multi_modal_projector(x)  # (N/m², H)
             return x.view(B, -1, x.shape[-1]) if pixel_values_videos.dim() == 5 else x
         B, nf = pixel_values_videos.shape[:2]
         x = self.vision_tower.vision_model(pixel_values_videos.flatten(0, 1), c.feature_layers)  # (B·F, P, Dv)
@@ -632,6 +813,10 @@ class VLM(nn.Module):
 
     def embed(self, input_ids, pixel_values_videos=None, video_features=None, video_grid_thw=None):
         """Token embeddings with video feature rows scattered, in row-major order, into the <video> positions."""
+        return self.embed_with_deepstack(input_ids, pixel_values_videos, video_features, video_grid_thw)[0]
+
+    def embed_with_deepstack(self, input_ids, pixel_values_videos=None, video_features=None, video_grid_thw=None):
+        """(`embed`'s embeddings, deepstack): Qwen3-VL's (is_video (B, T), [K (n, H)]) for `decode`, else None."""
         x = self.language_model.model.embed_tokens(input_ids)  # (B, T, H)
         is_video = input_ids == self.config.video_token_id
         if video_features is None and pixel_values_videos is not None:
@@ -641,9 +826,14 @@ class VLM(nn.Module):
         if n_slots != n_rows:
             raise ValueError(f"input_ids hold {n_slots} video tokens but the videos give {n_rows} feature rows; "
                              f"expand <video> to model.num_video_tokens(num_frames) ids per video")
+        deepstack = None
         if n_rows:
-            x = x.masked_scatter(is_video[..., None], video_features.to(x.dtype))
-        return x
+            rows = video_features.reshape(n_rows, -1).to(x.dtype)
+            H = x.shape[-1]
+            x = x.masked_scatter(is_video[..., None], rows[:, :H].contiguous())
+            if rows.shape[1] > H:  # Qwen3-VL's DeepStack levels ride behind the merged tokens
+                deepstack = (is_video, rows[:, H:].split(H, dim=-1))
+        return x, deepstack
 
     def forward(self, input_ids, pixel_values_videos=None, position_ids=None, layout=None, video_features=None,
                 return_hidden=False, video_grid_thw=None, second_per_grid_ts=None):
@@ -653,13 +843,13 @@ class VLM(nn.Module):
         plain causal). Qwen2.5-VL: video_grid_thw / second_per_grid_ts as the processor gives them (derived from
         (B, F, 3, S, S) frames when absent; 1 s per frame pair when absent), and position_ids become the 3-D
         multimodal ones (`mrope_positions`)."""
-        x = self.embed(input_ids, pixel_values_videos, video_features, video_grid_thw)
+        x, deepstack = self.embed_with_deepstack(input_ids, pixel_values_videos, video_features, video_grid_thw)
         if position_ids is None:
             position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        if self.config.family == "qwen2_5_vl":
+        if self.config.family in QWEN_FAMILIES:
             grid = video_grid_thw if video_grid_thw is not None else self.frames_grid(pixel_values_videos, input_ids)
             position_ids = self.mrope_positions(input_ids, position_ids, grid, second_per_grid_ts)
-        h = self.decode(x, position_ids, layout)
+        h = self.decode(x, position_ids, layout, deepstack=deepstack)
         return h if return_hidden else F.linear(h, self.lm_head_weight)
 
     def frames_grid(self, pixel_values_videos, input_ids):
@@ -684,6 +874,10 @@ class VLM(nn.Module):
         row-major order of their tokens. Works on packed rows too: branch positions restarted by the caller after
         the prefix get the same shift as the text right after the video."""
         c = self.config.vision
+        if self.config.family == "qwen3_vl":  # 5.24: each frame pair its own grid (t = 1), as the processor puts a
+            # timestamp between frame pairs; time lives in that text, so a frame's t position is its start
+            video_grid_thw = video_grid_thw.repeat_interleave(video_grid_thw[:, 0], dim=0)
+            video_grid_thw[:, 0] = 1
         is_video = input_ids == self.config.video_token_id
         p = position_ids.expand(input_ids.shape)
         if not bool(is_video.any()):
@@ -710,11 +904,15 @@ class VLM(nn.Module):
         assert offset == len(rows), f"input_ids hold {len(rows)} video tokens, video_grid_thw covers {offset}"
         return torch.where(is_video, video_pos, p + shift)
 
-    def decode(self, x, position_ids, layout=None, caches=None):
+    def decode(self, x, position_ids, layout=None, caches=None, deepstack=None):
+        """deepstack (Qwen3-VL, from `embed`): level i is added at the video positions after LM layer i."""
         lm = self.language_model.model
         cos, sin = rope_cos_sin(position_ids, self.config.text, x.dtype)
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, layout, None if caches is None else caches[i])
+            if deepstack is not None and i < len(deepstack[1]):
+                is_video, levels = deepstack
+                x = x.masked_scatter(is_video[..., None], x[is_video] + levels[i])
         return lm.norm(x)
 
     @torch.no_grad()
@@ -732,9 +930,9 @@ class VLM(nn.Module):
         for i, p in enumerate(prompts):
             ids[i, T0 - len(p):] = torch.tensor(p, device=device)
             valid[i, T0 - len(p):T0] = True
-        x = self.embed(ids, pixel_values_videos, video_features, video_grid_thw)
+        x, deepstack = self.embed_with_deepstack(ids, pixel_values_videos, video_features, video_grid_thw)
         positions = (valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
-        if self.config.family == "qwen2_5_vl":
+        if self.config.family in QWEN_FAMILIES:
             grid = video_grid_thw if video_grid_thw is not None else self.frames_grid(pixel_values_videos, ids)
             positions = self.mrope_positions(ids, positions, grid, second_per_grid_ts)  # (3, B, T0)
         c = self.config.text
@@ -752,7 +950,8 @@ class VLM(nn.Module):
         start, last_pos = 0, positions.amax(dim=-1) if positions.dim() == 2 else positions.amax(dim=(0, 2))
         for _ in range(max_new_tokens):
             caches = [(k, v, start, mask[:, None]) for k, v in kv]
-            h = self.decode(x, positions, caches=caches)[:, -1]  # (B, H)
+            h = self.decode(x, positions, caches=caches, deepstack=deepstack)[:, -1]  # (B, H)
+            deepstack = None  # the prompt's only
             next_ids = sample(F.linear(h, self.lm_head_weight).float(), temperature, top_p, generator)
             for i, token in enumerate(next_ids.tolist()):  # one host sync per step, not one per row
                 if not done[i]:
@@ -893,13 +1092,16 @@ def sample(logits, temperature, top_p, generator=None):
 
 QWEN_NAMES = (("visual.merger.", "multi_modal_projector."), ("visual.", "vision_tower."),
               ("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))  # 4.x hub -> ours
+QWEN3_NAMES = (("model.visual.merger.", "multi_modal_projector."), ("model.visual.", "vision_tower."),
+               ("model.language_model.", "language_model.model."),
+               ("lm_head.", "language_model.lm_head."))  # Qwen3-VL's hub files (4.57+) and transformers 5 -> ours
 
 
 def canonical_name(key, family="llava_onevision"):
     """Map a stored tensor name from any of the layouts to our module name; None to skip it."""
     if key.endswith("rotary_emb.inv_freq") or key.endswith("rotary_pos_emb.inv_freq"):
         return None
-    if family == "qwen2_5_vl":  # transformers 5: model.visual.*, model.language_model.*; 4.49+: visual.*, model.*
+    if family in QWEN_FAMILIES:  # transformers 5: model.visual.*, model.language_model.*; 4.49+: visual.*, model.*
         if key.startswith(("model.visual.", "model.language_model.")):
             key = key[len("model."):].replace("language_model.", "model.", 1)
         for hub, ours in QWEN_NAMES:
@@ -918,9 +1120,10 @@ def canonical_name(key, family="llava_onevision"):
 
 
 def hub_name(name, family):
-    """Our module name -> the name save_pretrained writes (the 4.x hub layout, which transformers 5 also writes)."""
-    if family == "qwen2_5_vl":
-        for hub, ours in QWEN_NAMES:
+    """Our module name -> the name save_pretrained writes (the 4.x hub layout, which transformers 5 also writes;
+    Qwen3-VL: its hub layout, model.visual.* / model.language_model.*)."""
+    if family in QWEN_FAMILIES:
+        for hub, ours in QWEN3_NAMES if family == "qwen3_vl" else QWEN_NAMES:
             if name.startswith(ours):
                 return hub + name[len(ours):]
     return name
