@@ -536,7 +536,8 @@ def chat_prompt(family, messages, add_generation_prompt=True):
     `ASSISTANT:` as generation prompt (its tokenizer adds BOS, not the template). qwen2_5_vl: ChatML with the
     default system turn "You are a helpful assistant." unless the first message is a system one, parts in their
     own order, a video as `<|vision_start|><|video_pad|><|vision_end|>` (an image with `<|image_pad|>`), no
-    separator before the text. qwen3_vl: the same without a default system turn (the Qwen3-VL Instruct template)."""
+    separator before the text. qwen3_vl: the same without a default system turn (the Qwen3-VL Instruct hub template,
+    as recalled: no test here can read the hub file)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
     out = []
