@@ -23,8 +23,9 @@ Checks:
   tokenizer give for the same text, 3 frames at the fixed path's 2 fps clock; transformers' logits on those ids
   equal ours (fp32, 1e-4);
 - grouped DPO rows on 3-D positions (Qwen3-VL: DeepStack added at the video slots of the grouped rows): the
-  per-response log-probs of a batch of two rows [video | q1 c1 r1 | q2 c2 r2 | q3 c3 r3] (two videos, one row padded) from dpo's PairScorer / pair_logps equal transformers' full forwards of
-  [video q_i c_i] and [video q_i r_i] (fp32, 1e-5 relative); with the branch positions not restarted they do not.
+  per-response log-probs of a batch of two rows [video | q1 c1 r1 | q2 c2 r2 | q3 c3 r3] (two videos, one row padded)
+  from dpo's PairScorer / pair_logps equal transformers' full forwards of [video q_i c_i] and [video q_i r_i] (fp32,
+  1e-5 relative); with the branch positions not restarted they do not.
 """
 import json
 import math
