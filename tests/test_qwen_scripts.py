@@ -20,7 +20,7 @@ Checks:
   parameters, the video leaves room for responses, dpo.plan's per-GPU total fits gpu_memory_gb, 128 pairs a step;
 - Qwen3-VL prompt ids: tok.video_prompt equals what Qwen3VLProcessor's own placeholder code (replace_video_token,
   get_text_with_replacements, on an instance built without its torchvision-only video processor) and transformers'
-  tokenizer give for the same text, 3 frames at the fixed path's 2 fps clock; transformers' logits on those ids
+  tokenizer give for the same text, 3, 4 and 7 frames at the fixed path's 2 fps clock; transformers' logits on the ids
   equal ours (fp32, 1e-4);
 - grouped DPO rows on 3-D positions (Qwen3-VL: DeepStack added at the video slots of the grouped rows): the
   per-response log-probs of a batch of two rows [video | q1 c1 r1 | q2 c2 r2 | q3 c3 r3] (two videos, one row padded)
