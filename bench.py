@@ -170,12 +170,12 @@ def generate_answers(todo, cfg, out_path, err_path, decode_fn=None):
     with Writer(out_path) as fo, Writer(err_path) as fe:
         def flush():
             pixels = torch.stack([torch.from_numpy(r[0]) for _, r in batch]).to(device, dtype)  # (B, F, 3, S, S)
-            n_video = vlm.num_video_tokens(pixels.shape[1])
+            nf = pixels.shape[1]  # a temporal variant's own frame count
+            prompts = [tok.video_prompt(it["query"], vlm.num_video_tokens(nf), nf) for it, _ in batch]
             seeds = [int(stable_hash(cfg["seed"], it["id"])[:15], 16) for it, _ in batch] if cfg["temperature"] > 0 \
                 else None
-            outs = vlm.generate([tok.video_prompt(it["query"], n_video) for it, _ in batch], pixel_values_videos=pixels,
-                                max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
-                                top_p=cfg["top_p"], seed=seeds, stop_ids=tok.stop_ids)
+            outs = vlm.generate(prompts, pixel_values_videos=pixels, max_new_tokens=cfg["max_new_tokens"],
+                                temperature=cfg["temperature"], top_p=cfg["top_p"], seed=seeds, stop_ids=tok.stop_ids)
             for (it, r), new in zip(batch, outs):
                 fo.write({"id": it["id"], "answer": tok.decode(new, skip_special=True).strip(), "model": model_dir}
                          | ({"frames": r[1]} if decode_fn else {}))
@@ -346,7 +346,8 @@ def run_mcq(cfg, out_dir):
             pixels = torch.stack([torch.from_numpy(pv) for _, pv in batch]).to(device, dtype)  # (B, F, 3, S, S)
             with torch.no_grad():
                 feats = vlm.video_features(pixels)  # (B, n_video, H): the vision tower once per item
-            scores = option_logprobs(vlm, [tok.video_prompt(mcq_text(it), n_video) for it, _ in batch],
+            prompts = [tok.video_prompt(mcq_text(it), n_video, cfg["num_frames"]) for it, _ in batch]
+            scores = option_logprobs(vlm, prompts,
                                      [[tok.response(o) for o in it["options"]] for it, _ in batch], feats)
             for (it, _), sc in zip(batch, scores):
                 pred = max(range(len(sc)), key=sc.__getitem__)

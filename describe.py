@@ -252,7 +252,7 @@ def run(config):
     try:
         if mine:  # a rerun with nothing left loads no model
             vlm = VLM.from_pretrained(cfg["model"], device=device, dtype=dtype, attn_impl=cfg["attn_impl"])
-            prompt_ids = tok.video_prompt(prompt_text, vlm.num_video_tokens(cfg["num_frames"]))
+            prompt_ids = tok.video_prompt(prompt_text, vlm.num_video_tokens(cfg["num_frames"]), cfg["num_frames"])
             t1 = time.time()
             if rank == 0 and cfg["progress"]:
                 from tqdm import tqdm

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import Progress, defaults_of, main
-from model import DTYPES, stored_dtype
+from model import DTYPES, QWEN_FAMILIES, stored_dtype
 from kernels import fused_logprobs
 from packing import load_batches, validate_pairs, video_groups
 from records import Writer, iter_records, read_records, write_json, write_records
@@ -551,9 +551,9 @@ def vision_bytes(c, cfg, cast, A):
     v, t = c.vision, c.text
     if not (cfg["train_vision"] or cfg["train_projector"]):
         return 0
-    if c.family == "qwen2_5_vl":
+    if c.family in QWEN_FAMILIES:
         raise ValueError("the memory plan estimates a training vision tower for the LLaVA families only; plan "
-                         "qwen2_5_vl with train_vision=False and train_projector=False")
+                         f"{c.family} with train_vision=False and train_projector=False")
     patches = v.grid ** 2 + (v.kind == "clip")
     total = patches * A * (v.hidden_size * len(c.feature_layers) + 2 * t.hidden_size)  # linear_1 in, gelu in, out
     if cfg["train_vision"]:  # per block: x, LN out (a cast per linear), q k v o, o for out_proj, x', LN out, fc1, gelu

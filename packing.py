@@ -48,7 +48,7 @@ def encode_pair(record, tok, n_video_tokens, max_len, video_root, num_frames=0):
     try:
         for t in texts:
             t.encode("utf-8")  # lone surrogates (valid JSON escapes, invalid text) raise here
-        prompt_ids = tok.video_prompt(record["prompt"], n_video_tokens)
+        prompt_ids = tok.video_prompt(record["prompt"], n_video_tokens, num_frames or None)
         chosen, rejected = tok.response(record["chosen"]), tok.response(record["rejected"])
     except (UnicodeError, ValueError):
         return None, "invalid_text"

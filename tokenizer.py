@@ -34,7 +34,11 @@ import tiktoken
 # GPT-2's pre-tokenizer pattern: what a bare `ByteLevel(use_regex=true)` pre-tokenizer splits with.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_5_vl")
+FAMILIES = ("llava_onevision", "llava_next_video", "qwen2_5_vl", "qwen3_vl")
+# Qwen3-VL's clock on the fixed-size frames path: frame i of the F sampled frames at i / 2 s, the clock under which
+# Qwen2.5-VL's fixed-size path puts its frame pairs 1 s apart (model.mrope_positions' default second_per_grid_ts).
+# The prompt is built before the video is decoded, so it cannot hold the clip's own frame times.
+QWEN3_FRAMES_FPS = 2.0
 
 
 def bytes_to_unicode():
@@ -338,7 +342,7 @@ class Tokenizer:
     """encode/decode equal `tokenizers.Tokenizer.from_file(tokenizer.json).encode(text, add_special_tokens=False)`."""
 
     def __init__(self, enc, normalize, special, family=None, eos_id=None, stop_ids=(), pad_id=None,
-                 video_token_id=None, image_token_id=None, skip_ids=None, bos_id=None, llama=None):
+                 video_token_id=None, image_token_id=None, skip_ids=None, bos_id=None, llama=None, temporal_patch=2):
         self.enc = enc                  # tiktoken.Encoding (ranks = token ids) for byte-level BPE, else None
         self.llama = llama              # LlamaBPE for the SentencePiece-style family, else None
         self.normalize = normalize      # "NFC" or None, applied per segment between added tokens
@@ -352,6 +356,7 @@ class Tokenizer:
         self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if raw else None
         self.eos_id, self.stop_ids, self.pad_id = eos_id, tuple(stop_ids), pad_id
         self.video_token_id, self.image_token_id = video_token_id, image_token_id
+        self.temporal_patch = temporal_patch  # frames per Qwen frame pair (qwen3_vl's timestamps are per pair)
         self.bos_id = bos_id            # prepended by encode_prompt (Llama's `<s> $A` post-processor), or None
         # ids 0 .. vocab_size-1 (embedding tables may have padding rows beyond)
         self.vocab_size = enc.n_vocab if llama is None else max(llama.pieces) + 1
@@ -403,7 +408,7 @@ class Tokenizer:
         config, generation = read("config.json"), read("generation_config.json")
         tok_config = read("tokenizer_config.json")
         family = config.get("model_type")
-        qwen = family == "qwen2_5_vl"  # Qwen-VL's media tokens are <|video_pad|> / <|image_pad|>
+        qwen = family in ("qwen2_5_vl", "qwen3_vl")  # Qwen-VL's media tokens are <|video_pad|> / <|image_pad|>
 
         def token_id(key, name):
             """An id from config.json when written there, checked against the tokenizer's own added token."""
@@ -441,7 +446,8 @@ class Tokenizer:
                    stop_ids=stop_ids, pad_id=pad_id,
                    video_token_id=token_id("video_token", "<|video_pad|>" if qwen else "<video>"),
                    image_token_id=token_id("image_token", "<|image_pad|>" if qwen else "<image>"),
-                   skip_ids=skip_ids, bos_id=bos_id, llama=llama)
+                   skip_ids=skip_ids, bos_id=bos_id, llama=llama,
+                   temporal_patch=(config.get("vision_config") or {}).get("temporal_patch_size", 2))
 
     def encode(self, text):
         """text -> ids; added-token strings anywhere in the text become their ids (HF's add_special_tokens=False)."""
@@ -478,11 +484,20 @@ class Tokenizer:
             ids.extend([i] * num_video_tokens if i == self.video_token_id else [i])
         return ids
 
-    def video_prompt(self, text, num_video_tokens):
+    def video_prompt(self, text, num_video_tokens, num_frames=None):
         """Prompt ids for one video and one user turn, as every script builds them: the family's chat template with
-        the video before the text (where the HF templates put it), the generation prompt last, <video> expanded."""
+        the video before the text (where the HF templates put it), the generation prompt last, <video> expanded.
+        qwen3_vl also needs num_frames: its processor puts a timestamp before each frame pair (`qwen3_video_text`)."""
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
-        return self.encode_prompt(chat_prompt(self.family, messages), num_video_tokens)
+        prompt = chat_prompt(self.family, messages)
+        if self.family != "qwen3_vl":
+            return self.encode_prompt(prompt, num_video_tokens)
+        if num_frames is None:
+            raise TypeError("qwen3_vl prompts put a timestamp before each frame pair: pass num_frames to video_prompt")
+        pairs = -(-num_frames // self.temporal_patch)
+        assert num_video_tokens % pairs == 0, f"{num_video_tokens} video tokens do not split into {pairs} frame pairs"
+        prompt = prompt.replace("<|video_pad|>", qwen3_video_text(num_frames, self.temporal_patch), 1)
+        return self.encode_prompt(prompt, num_video_tokens // pairs)
 
     def response(self, text):
         """Ids of an assistant reply that follows `video_prompt`, ending with the end-of-turn id (a training target).
@@ -501,6 +516,18 @@ def _parts(content):
     return list(content)
 
 
+def qwen3_video_text(num_frames, temporal_patch=2, fps=QWEN3_FRAMES_FPS):
+    """What Qwen3VLProcessor (transformers 5.24) puts in place of <|video_pad|> for `num_frames` frames at `fps`
+    (frame i at i / fps s): per frame pair `<t seconds><|vision_start|><|video_pad|><|vision_end|>`, t the mean of
+    the pair's first and last frame times to one decimal (an odd last pair repeats the last frame), one <|video_pad|>
+    per pair for encode_prompt to expand. 5.24 replaces the <|video_pad|> alone, so the template's own
+    <|vision_start|> / <|vision_end|> stay around the whole video (4.57 replaced all three)."""
+    times = [i / fps for i in range(num_frames)]
+    times += times[-1:] * (-num_frames % temporal_patch)
+    pairs = [(times[i] + times[i + temporal_patch - 1]) / 2 for i in range(0, len(times), temporal_patch)]
+    return "".join(f"<{t:.1f} seconds><|vision_start|><|video_pad|><|vision_end|>" for t in pairs)
+
+
 def chat_prompt(family, messages, add_generation_prompt=True):
     """messages [{"role", "content"}] -> prompt text, exactly as the family's HF chat template renders it:
     per message, images then videos first (whatever their place in the list), then the texts; no default system
@@ -509,12 +536,13 @@ def chat_prompt(family, messages, add_generation_prompt=True):
     `ASSISTANT:` as generation prompt (its tokenizer adds BOS, not the template). qwen2_5_vl: ChatML with the
     default system turn "You are a helpful assistant." unless the first message is a system one, parts in their
     own order, a video as `<|vision_start|><|video_pad|><|vision_end|>` (an image with `<|image_pad|>`), no
-    separator before the text."""
+    separator before the text. qwen3_vl: the same without a default system turn (the Qwen3-VL Instruct hub template,
+    as recalled: no test here can read the hub file)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
     out = []
-    if family == "qwen2_5_vl":
-        if messages and messages[0]["role"] != "system":
+    if family in ("qwen2_5_vl", "qwen3_vl"):
+        if family == "qwen2_5_vl" and messages and messages[0]["role"] != "system":
             out.append("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
         pads = {kind: f"<|vision_start|><|{kind}_pad|><|vision_end|>" for kind in ("image", "video")}
         for message in messages:

@@ -44,6 +44,7 @@ NORMALIZE = {
     "llava_onevision": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "llava_next_video": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # CLIP
     "qwen2_5_vl": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # CLIP
+    "qwen3_vl": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 
 REASONS = {
@@ -248,7 +249,7 @@ def preprocess(frames, family, image_size):
     - llava_onevision: resize to exactly S×S (aspect not kept);
     - llava_next_video: resize the shortest edge to S (long edge int(S·long/short)), centre-crop S×S;
     - qwen2_5_vl (the fixed-size path the scripts use): resize to exactly S×S, S a multiple of 28; the processor's
-      own sizes and frame choice are `decode_video_qwen`;
+      own sizes and frame choice are `decode_video_qwen`; qwen3_vl the same with S a multiple of 32;
     resizing is antialiased bicubic on the uint8 tensor itself (interpolate's uint8 path rounds between its two
     passes; resizing in float and rounding afterwards differs by up to ±21 levels), skipped when already at size;
     then (x - 255·mean) / (255·std) in float32, the processor's fused rescale + normalize."""
@@ -260,7 +261,7 @@ def preprocess(frames, family, image_size):
     x = x.permute(0, 3, 1, 2)                          # (F, 3, H, W) uint8
     h, w = x.shape[-2:]
     S = image_size
-    if family in ("llava_onevision", "qwen2_5_vl"):
+    if family in ("llava_onevision", "qwen2_5_vl", "qwen3_vl"):
         size = (S, S)
     else:
         short, long = min(h, w), max(h, w)

@@ -1,9 +1,10 @@
 """
-The SafeVid loop on Qwen2.5-VL: describe.py -> generate_pairs.py (offline templates) -> dpo.py -> bench.py (offline
-judge), each a real subprocess with a timeout, on a tiny random Qwen2.5-VL checkpoint written by transformers
-(tests/tiny.py, with a byte-level BPE tokenizer holding Qwen's <|vision_start|>/<|video_pad|>/... specials) and
-small PyAV clips (tests/media.py). The scripts run the fixed-size frames path (B, F, 3, 448, 448): an odd frame
-count (3, padded to 2 frame pairs) gives 2 x 16 x 16 = 512 video tokens.
+The SafeVid loop on Qwen2.5-VL and Qwen3-VL (each test runs once per family): describe.py -> generate_pairs.py
+(offline templates) -> dpo.py -> bench.py (offline judge), each a real subprocess with a timeout, on a tiny random
+checkpoint written by transformers (tests/tiny.py, with a byte-level BPE tokenizer holding Qwen's
+<|vision_start|>/<|video_pad|>/... specials) and small PyAV clips (tests/media.py). The scripts run the fixed-size
+frames path (B, F, 3, 448, 448): an odd frame count (3, padded to 2 frame pairs) gives 2 x 16 x 16 = 512 video tokens
+(Qwen3-VL, patch 16: 2 x 14 x 14 = 392, each frame pair after its timestamp text).
 
     .venv/bin/python -m pytest -q tests/test_qwen_scripts.py
 
@@ -17,9 +18,14 @@ Checks:
   (max |Δ| <= 1e-4) on a video prompt and answer;
 - config/qwen2_5_vl.py on the 7B's config.json: known keys only, FSDP2 + activation checkpointing, 8.29B
   parameters, the video leaves room for responses, dpo.plan's per-GPU total fits gpu_memory_gb, 128 pairs a step;
-- grouped DPO rows on 3-D positions: the per-response log-probs of a batch of two rows [video | q1 c1 r1 | q2 c2 r2
-  | q3 c3 r3] (two videos, one row padded) from dpo's PairScorer / pair_logps equal transformers' full forwards of
-  [video q_i c_i] and [video q_i r_i] (fp32, 1e-5 relative); with the branch positions not restarted they do not.
+- Qwen3-VL prompt ids: tok.video_prompt equals what Qwen3VLProcessor's own placeholder code (replace_video_token,
+  get_text_with_replacements, on an instance built without its torchvision-only video processor) and transformers'
+  tokenizer give for the same text, 3, 4 and 7 frames at the fixed path's 2 fps clock; transformers' logits on the ids
+  equal ours (fp32, 1e-4);
+- grouped DPO rows on 3-D positions (Qwen3-VL: DeepStack added at the video slots of the grouped rows): the
+  per-response log-probs of a batch of two rows [video | q1 c1 r1 | q2 c2 r2 | q3 c3 r3] (two videos, one row padded)
+  from dpo's PairScorer / pair_logps equal transformers' full forwards of [video q_i c_i] and [video q_i r_i] (fp32,
+  1e-5 relative); with the branch positions not restarted they do not.
 """
 import json
 import math
@@ -41,6 +47,7 @@ from video import decode_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_FRAMES = 3  # odd: the last frame pair is padded by repeating the last frame
+FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 CLIPS = {"a.mp4": 6, "b.mp4": 9, "c/d.mkv": 12, "e.mp4": 4}  # clip -> frames written (48x64, non-square)
 
 
@@ -58,11 +65,12 @@ def read(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory):
-    """The four scripts, run once in order; each test below checks one stage's outputs."""
-    root = tmp_path_factory.mktemp("qwen_loop")
-    ckpt = make_tiny_checkpoint(root / "ckpt", family="qwen2_5_vl", tie=False)
+@pytest.fixture(scope="module", params=FAMILIES)
+def loop(tmp_path_factory, request):
+    """The four scripts, run once in order per family; each test below checks one stage's outputs."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    ckpt = make_tiny_checkpoint(root / "ckpt", family=family, tie=False)
     for clip, n in CLIPS.items():
         os.makedirs(os.path.dirname(root / "videos" / clip), exist_ok=True)
         write_video(root / "videos" / clip, num_frames=n)
@@ -79,27 +87,32 @@ def loop(tmp_path_factory):
     script("bench.py", f"--items={root / 'pairs.heldout.jsonl'}", f"--video_root={videos}",
            f"--model={out}/final", "--judge_url=offline", f"--out_dir={bench}", f"--num_frames={NUM_FRAMES}",
            "--max_new_tokens=8", "--batch_size=2", "--decode_workers=1", "--progress=False", "--n_bootstrap=200")
-    return dict(root=root, ckpt=ckpt, videos=videos, desc=desc, dpo=out, final=os.path.join(out, "final"),
-                bench=bench, train=str(root / "pairs.train.jsonl"), heldout=str(root / "pairs.heldout.jsonl"))
+    return dict(family=family, root=root, ckpt=ckpt, videos=videos, desc=desc, dpo=out,
+                final=os.path.join(out, "final"), bench=bench, train=str(root / "pairs.train.jsonl"),
+                heldout=str(root / "pairs.heldout.jsonl"))
 
 
-def frames_of(videos, clip):
+def frames_of(videos, clip, family):
     """The (F, 3, 448, 448) frames every script feeds the model (video.decode_video, the fixed-size path)."""
-    return torch.from_numpy(decode_video(os.path.join(videos, clip), NUM_FRAMES, "qwen2_5_vl", 448)[0])
+    return torch.from_numpy(decode_video(os.path.join(videos, clip), NUM_FRAMES, family, 448)[0])
 
 
 def hf_inputs(vlm, ids, frames):
     """What transformers takes for one row: the processor's flattened patches of the same pixels, video_grid_thw,
-    1 s per frame pair (the fixed-size path's), and mm_token_type_ids (2 marks video tokens)."""
+    Qwen2.5-VL's 1 s per frame pair (the fixed-size path's), and mm_token_type_ids (2 marks video tokens)."""
     patches, grid = patchify(frames[None], vlm.config.vision)
     ids = torch.tensor([ids])
-    return dict(input_ids=ids, pixel_values_videos=patches[0], video_grid_thw=grid,
-                second_per_grid_ts=torch.tensor([1.0]), mm_token_type_ids=(ids == vlm.config.video_token_id).int() * 2)
+    x = dict(input_ids=ids, pixel_values_videos=patches[0], video_grid_thw=grid,
+             mm_token_type_ids=(ids == vlm.config.video_token_id).int() * 2)
+    return dict(x, second_per_grid_ts=torch.tensor([1.0])) if vlm.config.family == "qwen2_5_vl" else x
 
 
 def hf_load(path):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+    with open(os.path.join(path, "config.json")) as f:
+        family = json.load(f)["model_type"]
+    cls = Qwen3VLForConditionalGeneration if family == "qwen3_vl" else Qwen2_5_VLForConditionalGeneration
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -111,10 +124,11 @@ def test_describe_every_clip_as_transformers_generates(loop):
     assert all(r["description"] and r["num_frames"] == NUM_FRAMES for r in records.values())
     tok, vlm, hf = Tokenizer.from_pretrained(loop["ckpt"]), VLM.from_pretrained(loop["ckpt"]), hf_load(loop["ckpt"])
     prompt = describe.load_prompt(describe.DEFAULTS["prompt"])  # what describe.py sent
-    ids = tok.video_prompt(prompt, vlm.num_video_tokens(NUM_FRAMES))
-    assert ids.count(vlm.config.video_token_id) == 2 * 16 * 16  # 2 frame pairs x (448/28)^2 merged blocks
+    ids = tok.video_prompt(prompt, vlm.num_video_tokens(NUM_FRAMES), NUM_FRAMES)
+    side = 448 // (28 if loop["family"] == "qwen2_5_vl" else 32)  # merged blocks a side: 2x2 patches of 14 or 16
+    assert ids.count(vlm.config.video_token_id) == 2 * side * side  # 2 frame pairs
     for clip in ("a.mp4", "c/d.mkv"):
-        x = hf_inputs(vlm, ids, frames_of(loop["videos"], clip))
+        x = hf_inputs(vlm, ids, frames_of(loop["videos"], clip, loop["family"]))
         with torch.no_grad():
             new = hf.generate(**x, attention_mask=torch.ones_like(x["input_ids"]), max_new_tokens=12,
                               do_sample=False, eos_token_id=list(tok.stop_ids))[0, len(ids):].tolist()
@@ -135,8 +149,9 @@ def test_dpo_loss_finite_and_logps_move(loop):
     margins = []
     for path in (loop["ckpt"], loop["final"]):
         vlm = VLM.from_pretrained(path)
-        items, _ = packing.validate_pairs(loop["train"], tok, vlm.num_video_tokens(NUM_FRAMES), 1024, loop["videos"])
-        items = [dict(it, pixels=frames_of(loop["videos"], it["video"])) for it in items[:4]]
+        items, _ = packing.validate_pairs(loop["train"], tok, vlm.num_video_tokens(NUM_FRAMES), 1024, loop["videos"],
+                                          num_frames=NUM_FRAMES)
+        items = [dict(it, pixels=frames_of(loop["videos"], it["video"], loop["family"])) for it in items[:4]]
         with torch.no_grad():
             c, r, _, _ = dpo.pair_logps(dpo.PairScorer(vlm), packing.collate(items, True, tok.pad_id, max_pairs=8),
                                         "cpu")
@@ -167,14 +182,60 @@ def test_bench_summary_complete(loop):
 def test_export_loads_in_transformers_with_equal_logits(loop):
     tok, ours, hf = Tokenizer.from_pretrained(loop["final"]), VLM.from_pretrained(loop["final"]), hf_load(loop["final"])
     assert next(hf.parameters()).dtype == torch.float32  # init_from was stored in fp32, so final/ is too
-    ids = tok.video_prompt("What happens here?", ours.num_video_tokens(NUM_FRAMES)) + tok.response("A dog runs.")
-    frames = frames_of(loop["videos"], "b.mp4")
+    ids = tok.video_prompt("What happens here?", ours.num_video_tokens(NUM_FRAMES), NUM_FRAMES) + \
+        tok.response("A dog runs.")
+    frames = frames_of(loop["videos"], "b.mp4", loop["family"])
     with torch.no_grad():
         ref = hf(**hf_inputs(ours, ids, frames)).logits
         logits = ours(torch.tensor([ids]), pixel_values_videos=frames[None])
     assert ref.abs().max() > 1.0, "logits too small to reveal a bug"
     diff = (logits - ref).abs().max().item()
-    print(f"final/ vs transformers: max |Δ| logits {diff:.2e}")
+    print(f"{loop['family']} final/ vs transformers: max |Δ| logits {diff:.2e}")
+    assert diff <= 1e-4, f"max |Δ| = {diff:.3g}"
+
+
+# -----------------------------------------------------------------------------
+# Qwen3-VL's prompt: timestamps between frame pairs, as its processor lays them out
+
+
+def processor_ids(ckpt, text, grid, frames_indices, fps):
+    """input_ids from Qwen3VLProcessor's own code: its replace_video_token (timestamps from the video metadata) and
+    the mixin's get_text_with_replacements, on an instance built field by field (its constructor insists on the
+    torchvision-only video processor), then transformers' tokenizer of the checkpoint."""
+    from transformers import AutoTokenizer, Qwen3VLProcessor
+    from transformers.video_utils import VideoMetadata
+    proc = object.__new__(Qwen3VLProcessor)
+    proc.tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    proc.video_token, proc.image_token = "<|video_pad|>", "<|image_pad|>"
+    proc.vision_start_token, proc.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+    proc.video_processor = type("VideoProcessor", (), dict(merge_size=2, temporal_patch_size=2))()  # the defaults
+    metadata = VideoMetadata(total_num_frames=len(frames_indices), fps=fps, frames_indices=list(frames_indices))
+    placeholder = proc.replace_video_token(dict(video_grid_thw=grid, video_metadata=[metadata]), 0)
+    expanded, _ = proc.get_text_with_replacements([text], videos_replacements=[placeholder])
+    return proc.tokenizer(expanded[0], add_special_tokens=False)["input_ids"]
+
+
+def test_qwen3_prompt_ids_equal_processor_and_logits_transformers(tmp_path):
+    from tokenizer import QWEN3_FRAMES_FPS, chat_prompt
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", family="qwen3_vl", tie=True, seed=5)
+    tok, vlm, hf = Tokenizer.from_pretrained(ckpt), VLM.from_pretrained(ckpt), hf_load(ckpt)
+    write_video(tmp_path / "v.mp4", num_frames=5)
+    query = "Is anything unsafe here? Answer in 2 words."
+    text = chat_prompt("qwen3_vl", [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": query}]}])
+    for nf in (3, 4, 7):  # odd counts repeat the last frame's time, as the processor pads the indices
+        _, grid = patchify(torch.zeros(1, nf, 3, 448, 448), vlm.config.vision)
+        want = processor_ids(ckpt, text, grid, range(nf), QWEN3_FRAMES_FPS)
+        assert tok.video_prompt(query, vlm.num_video_tokens(nf), nf) == want, nf
+    ids = tok.video_prompt(query, vlm.num_video_tokens(NUM_FRAMES), NUM_FRAMES)
+    head = tok.decode(ids[:ids.index(vlm.config.video_token_id)])  # the layout, seen once as text
+    assert head == "<|im_start|>user\n<|vision_start|><0.2 seconds><|vision_start|>", head
+    frames = torch.from_numpy(decode_video(str(tmp_path / "v.mp4"), NUM_FRAMES, "qwen3_vl", 448)[0])
+    with torch.no_grad():
+        ref = hf(**hf_inputs(vlm, ids, frames)).logits
+        logits = vlm(torch.tensor([ids]), pixel_values_videos=frames[None])
+    assert ref.abs().max() > 1.0, "logits too small to reveal a bug"
+    diff = (logits - ref).abs().max().item()
+    print(f"qwen3_vl video_prompt ids: max |Δ| logits vs transformers {diff:.2e}")
     assert diff <= 1e-4, f"max |Δ| = {diff:.3g}"
 
 
@@ -182,20 +243,21 @@ def test_export_loads_in_transformers_with_equal_logits(loop):
 # grouped rows on multimodal RoPE
 
 
-def test_grouped_rows_mrope_equal_separate_transformers_forwards(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grouped_rows_mrope_equal_separate_transformers_forwards(tmp_path, family):
     """Two videos in one batch: a row [video v | q1 c1 r1 | q2 c2 r2 | q3 c3 r3] and a shorter, padded row
     [video w | q4 c4 r4 | q5 c5 r5]."""
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", family="qwen2_5_vl", tie=False, seed=3)
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", family=family, tie=False, seed=3)
     tok, vlm, hf = Tokenizer.from_pretrained(ckpt), VLM.from_pretrained(ckpt), hf_load(ckpt)
     write_video(tmp_path / "v.mp4", num_frames=7)
     write_video(tmp_path / "w.mp4", num_frames=3, size=(64, 48))
-    frames = {v: frames_of(str(tmp_path), v) for v in ("v.mp4", "w.mp4")}
+    frames = {v: frames_of(str(tmp_path), v, family) for v in ("v.mp4", "w.mp4")}
     g = torch.Generator().manual_seed(0)
     low = min(tok.special.values())
     rand = lambda n: torch.randint(0, low, (n,), generator=g).tolist()  # noqa: E731
     queries = ["What happens?", "Describe the video in detail please.", "Is it safe?", "Who?", "Tell me how."]
     items = [dict(id=f"x{k}", video="v.mp4" if k < 3 else "w.mp4", category="c",
-                  prompt_ids=tok.video_prompt(q, vlm.num_video_tokens(NUM_FRAMES)),
+                  prompt_ids=tok.video_prompt(q, vlm.num_video_tokens(NUM_FRAMES), NUM_FRAMES),
                   chosen_ids=rand(2 + 3 * k % 7), rejected_ids=rand(5 - k)) for k, q in enumerate(queries)]
     items = [dict(it, pixels=frames[it["video"]]) for it in items]
     batch = packing.collate(items, True, tok.pad_id, max_pairs=8)
@@ -212,7 +274,7 @@ def test_grouped_rows_mrope_equal_separate_transformers_forwards(tmp_path):
         flat = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["position_ids"]))
         wrong, _, _, _ = dpo.pair_logps(dpo.PairScorer(vlm), flat, "cpu")
     got = torch.stack([chosen, rejected], 1).flatten().tolist()  # [c1, r1, c2, r2, ...]
-    print(f"grouped rows vs transformers: max relative |Δ| log-probs "
+    print(f"{family} grouped rows vs transformers: max relative |Δ| log-probs "
           f"{max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, want)):.2e}")
     for k, (a, b) in enumerate(zip(got, want)):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (k, a, b)

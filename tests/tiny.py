@@ -3,6 +3,7 @@
     from tests.tiny import make_tiny_checkpoint
     path = make_tiny_checkpoint(tmp_path / "ckpt")              # llava_onevision, with a byte-level BPE tokenizer
     path = make_tiny_checkpoint(tmp_path / "q", family="qwen2_5_vl")  # Qwen2.5-VL, its <|vision_start|>... specials
+    path = make_tiny_checkpoint(tmp_path / "q3", family="qwen3_vl")   # Qwen3-VL (DeepStack), the same specials
 
 Weights are re-initialised at a visible scale (N(0, 1/fan_in), norms U(0.5, 1.5)): the default init gives logits of
 ~0.5, which hides bugs. The SigLIP grid is odd (35/7 = 5 patches a side, pooled with a ceiling to 3).
@@ -30,7 +31,18 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
 def hf_config(family="llava_onevision", tie=True, kv_heads=2, vocab_size=256, video_token_id=255, image_token_id=254,
               rope_scaling=None, feature_layer=None):
     """A transformers config for a tiny model of `family` (dict sub-configs)."""
-    from transformers import LlavaNextVideoConfig, LlavaOnevisionConfig, Qwen2_5_VLConfig
+    from transformers import LlavaNextVideoConfig, LlavaOnevisionConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+    if family == "qwen3_vl":  # DeepStack from ViT blocks 0 and 2 into LM layers 0 and 1; head_dim 24 = 2 x (6 + 3 + 3)
+        vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                      num_position_embeddings=36, deepstack_visual_indexes=[0, 2])  # a 6x6 grid, resampled
+        text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=24, rms_norm_eps=1e-6,
+                    tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None,
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[6, 3, 3],
+                                         mrope_interleaved=True))
+        return Qwen3VLConfig(vision_config=vision, text_config=text, video_token_id=video_token_id,
+                             image_token_id=image_token_id, vision_start_token_id=video_token_id - 3,
+                             vision_end_token_id=video_token_id - 2, tie_word_embeddings=tie)
     if family == "qwen2_5_vl":  # 2 windowed + 2 full-attention ViT blocks; head_dim 16 = 2 x (2 + 3 + 3) mrope
         vision = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                       fullatt_block_indexes=[1, 3], window_size=112, tokens_per_second=2)
@@ -67,8 +79,9 @@ def hf_config(family="llava_onevision", tie=True, kv_heads=2, vocab_size=256, vi
 def hf_model(config, seed=0):
     """The transformers model for `config`, re-initialised at a visible scale, fp32, eval mode."""
     from transformers import (LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
-                              Qwen2_5_VLForConditionalGeneration)
+                              Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
     cls = {"llava_onevision": LlavaOnevisionForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": Qwen3VLForConditionalGeneration,
            "llava_next_video": LlavaNextVideoForConditionalGeneration}[config.model_type]
     torch.manual_seed(seed)
     model = cls(config).float().eval()
@@ -88,7 +101,7 @@ def hf_model(config, seed=0):
 
 def make_tiny_checkpoint(path, family="llava_onevision", tie=True, seed=0, tokenizer=True):
     """Write a tiny random HF checkpoint (config.json, model.safetensors, and a tokenizer whose special ids match
-    the config: byte-level BPE for llava_onevision and qwen2_5_vl, Llama-style for llava_next_video) to `path`;
+    the config: byte-level BPE for llava_onevision and the Qwen families, Llama-style for llava_next_video) to `path`;
     returns str(path)."""
     path = str(path)
     os.makedirs(path, exist_ok=True)
@@ -100,7 +113,7 @@ def make_tiny_checkpoint(path, family="llava_onevision", tie=True, seed=0, token
         vocab_size = 64 * math.ceil((max(ids.values()) + 1) / 64)
     elif tokenizer:
         from data.demo.tokenizer import train_byte_bpe, write_tokenizer  # pure-Python BPE trainer
-        qwen = family == "qwen2_5_vl"
+        qwen = family in ("qwen2_5_vl", "qwen3_vl")
         specials = QWEN_SPECIALS if qwen else ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
         tok = train_byte_bpe(CORPUS, vocab_size=300, special_tokens=specials)  # specials get ids 300, 301, ...
         write_tokenizer(path, tok)
