@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import canonical_name, read_tensor, safetensors_header
+from model import QWEN3_NAMES, QWEN_FAMILIES, canonical_name, read_tensor, safetensors_header
 
 # q/k/v/o and the MLP of every decoder layer; a regex matched in full against our module names
 TARGETS = r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
@@ -43,11 +43,18 @@ HF_PREFIXES = [("language_model.model.", "model.language_model."), ("language_mo
                ("vision_tower.vision_model.", "model.vision_tower."),
                ("multi_modal_projector", "model.multi_modal_projector"), ("image_newline", "model.image_newline")]
 HF_CLASSES = {"llava_onevision": ("LlavaOnevisionForConditionalGeneration", "llava_onevision"),
-              "llava_next_video": ("LlavaNextVideoForConditionalGeneration", "llava_next_video")}
+              "llava_next_video": ("LlavaNextVideoForConditionalGeneration", "llava_next_video"),
+              "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+              "qwen3_vl": ("Qwen3VLForConditionalGeneration", "qwen3_vl")}
 
 
-def hf_name(name):
-    """Our module or tensor name -> transformers 5's (model.canonical_name maps it back)."""
+def hf_name(name, family="llava_onevision"):
+    """Our module or tensor name -> transformers 5's (model.canonical_name maps it back). The Qwen families'
+    transformers 5 paths (model.visual.*, model.language_model.*, lm_head) are Qwen3-VL's hub names."""
+    if family in QWEN_FAMILIES:
+        for hub, ours in QWEN3_NAMES:  # prefixes end in "." and so may whole module names here
+            if (name + ".").startswith(ours):
+                return (hub + name[len(ours):]) if len(name) >= len(ours) else hub.rstrip(".")
     for ours, theirs in HF_PREFIXES:
         if name.startswith(ours):
             return theirs + name[len(ours):]
@@ -170,12 +177,12 @@ def save_adapter(vlm, path, state=None, base_model=None):
     config = dict(peft_type="LORA", task_type=None, r=lora["rank"], lora_alpha=lora["alpha"],
                   lora_dropout=lora["dropout"], use_rslora=lora["rslora"], use_dora=False, bias="none",
                   fan_in_fan_out=False, init_lora_weights=True, inference_mode=True,
-                  target_modules=[hf_name(n) for n in lora["targets"]],
-                  modules_to_save=[hf_name(m) for m in lora["modules_to_save"]] or None,
+                  target_modules=[hf_name(n, vlm.config.family) for n in lora["targets"]],
+                  modules_to_save=[hf_name(m, vlm.config.family) for m in lora["modules_to_save"]] or None,
                   base_model_name_or_path=base_model or vlm.source_dir, revision=None,
                   auto_mapping=dict(base_model_class=cls,
                                     parent_library=f"transformers.models.{module}.modeling_{module}"))
-    tensors = {PEFT_PREFIX + hf_name(n): t.float().cpu().contiguous() for n, t in state.items()}
+    tensors = {PEFT_PREFIX + hf_name(n, vlm.config.family): t.float().cpu().contiguous() for n, t in state.items()}
     tmp = path.rstrip("/") + f".tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})

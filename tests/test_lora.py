@@ -143,6 +143,36 @@ def test_peft_loads_our_adapter_with_equal_logits(ckpt, tmp_path, projector):
         assert torch.equal(again(ids, pixels), ours)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_peft_loads_our_adapter_on_qwen_with_equal_logits(tmp_path, family):
+    """The Qwen families: our adapter (every LM layer's q/k/v/o + MLP, random B) loaded by PEFT onto transformers'
+    Qwen model gives our logits, on the scripts' fixed-size frames path (3-D positions, DeepStack for Qwen3-VL)."""
+    from peft import PeftModel
+    from tests.test_qwen_scripts import hf_inputs, hf_load
+    from tokenizer import Tokenizer
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", family=family, tie=False)
+    vlm = VLM.from_pretrained(ckpt)
+    names = lora.add_lora(vlm, rank=4, alpha=12)
+    assert len(names) == 7 * vlm.config.text.num_layers
+    randomize(vlm)
+    vlm.eval()
+    tok, nf = Tokenizer.from_pretrained(ckpt), 3  # odd: the last frame pair is padded
+    ids = tok.video_prompt("What happens here?", vlm.num_video_tokens(nf), nf) + tok.response("A dog runs.")
+    S = vlm.config.vision.image_size
+    frames = torch.randn(nf, 3, S, S, generator=torch.Generator().manual_seed(0))
+    adapter = str(tmp_path / "adapter")
+    lora.save_adapter(vlm, adapter)
+    with torch.no_grad():
+        ours = vlm(torch.tensor([ids]), pixel_values_videos=frames[None])
+        with lora.adapters_disabled(vlm):
+            base = vlm(torch.tensor([ids]), pixel_values_videos=frames[None])
+        ref = PeftModel.from_pretrained(hf_load(ckpt), adapter).eval()(**hf_inputs(vlm, ids, frames)).logits
+    assert (ours - base).abs().max() > 0.1, "a random B must change the logits"
+    # the Qwen parity bound (issue 17; tests/test_model_qwen3.py): without the adapter ours and transformers differ
+    # by 5e-6 (Qwen2.5-VL) / 2e-6 (Qwen3-VL) here at |logits| ~5, with it 1.4e-5 / 6e-6; a wrong adapter moves > 0.1
+    assert_close(ref, ours, f"{family}: PEFT + transformers vs ours with the adapter", atol=1e-4)
+
+
 def test_we_load_an_adapter_peft_made(ckpt, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaOnevisionForConditionalGeneration
