@@ -85,6 +85,24 @@ def test_long_clip_seeks_instead_of_decoding_all(tmp_path, num_frames, preset):
     assert info["decoded_frames"] <= num_frames * (gop + 8)  # about one GOP per target (+ B-frame reorder delay)
 
 
+@pytest.mark.parametrize("preset", ["ultrafast", "medium"])
+def test_pixels_match_plain_pyav_decode(tmp_path, preset):
+    # pixel-exact against PyAV's own path (decode every frame, frame.to_ndarray), full size and scaled: read_frames
+    # seeks, decodes with slice threads and converts through one reused swscale context; "medium" has B-frames
+    fps, size = 30, (96, 128)
+    noisy = lambda i, h, w: np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)  # nothing flat
+    path = write_video(tmp_path / f"px_{preset}.mp4", 90, fps=fps, gop=10, preset=preset, frame_fn=noisy, size=size)
+    with av.open(str(path)) as container:
+        decoded = list(container.decode(video=0))
+    for max_side, (w, h) in [(None, (128, 96)), (64, (64, 48))]:
+        frames, info = read_frames(path, 7, max_side=max_side)
+        want = [int(t * fps) for t in info["targets"]]  # CFR: frame floor(t·fps)
+        ref = [decoded[i].to_ndarray(format="rgb24", width=w, height=h, interpolation=None if max_side is None
+                                     else "AREA") for i in want]
+        assert np.array_equal(frames, np.stack(ref)), f"preset={preset} max_side={max_side}"
+    assert info["seeks"] >= 5
+
+
 def test_unseekable_input_decodes_forward(tmp_path, monkeypatch):
     path = write_video(tmp_path / "long.mp4", 120, fps=30, gop=15)
 
