@@ -220,7 +220,7 @@ def answer_items(items_list, cfg, answers_path, err_path):
     done = set()
     for path in [answers_path, err_path] + records.part_paths(answers_path) + records.part_paths(err_path):
         done |= records.read_ids(path)  # a killed torchrun run's parts count as done too
-    mine = [it for it in items_list[rank::world] if it["id"] not in done]  # sharded first: others' writes can't shift it
+    mine = [it for it in items_list[rank::world] if it["id"] not in done]  # sharded first: no rank's writes shift it
     gen = generate_answers(mine, cfg, records.part_path(answers_path, rank, world),
                            records.part_path(err_path, rank, world)) if mine else None
     if world > 1:  # also the barrier: every rank has closed its parts before rank 0 merges them

@@ -6,7 +6,7 @@ Video DPO (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs, exact an
     torchrun --nproc_per_node=8 dpo.py config/llava.py    # LLaVA-OneVision-7B on a node (FSDP2)
     python tests/bench_dpo.py config/tiny.py              # benchmarks: prefix sharing, fused log-probs, reference
     python dpo.py config/llava.py --lora_rank=16 --ref=live  # LoRA (lora.py) on one GPU: the reference is free
-    python dpo.py config/llava.py --plan=True --plan_world=8  # per-GPU memory from config.json alone (plan())
+    python dpo.py config/llava.py --plan=True --plan_world=8  # per-GPU memory from config.json alone (memory_plan())
 
 Reads as: loss -> scorer -> reference log-probs -> distributed setup -> checkpoints -> the loop. Pairs become tensors
 in packing.py: a video's pairs share one row [system + video | q1 c1 r1 | q2 c2 r2 | ...] (group_by_video; each
@@ -95,7 +95,7 @@ export_dtype = ""  # final/'s dtype: "" = init_from's stored dtype (bf16 for hub
 compile = False  # torch.compile each decoder layer
 fsdp = False  # FSDP2: fully_shard per decoder layer and the root, bf16 compute, fp32 reduction
 activation_checkpointing = False  # recompute each decoder layer in backward
-plan = False  # True: print this config's per-GPU memory (from init_from/config.json alone) and exit; see plan()
+plan = False  # True: print this config's per-GPU memory (from init_from/config.json alone) and exit; see memory_plan()
 plan_world = 0  # GPUs the plan's FSDP2 shards over (0 = WORLD_SIZE, else 1)
 gpu_memory_gb = 80.0  # GiB per GPU that the plan fits the largest batch_size into (leave room for the CUDA context)
 # evaluation, logging, checkpoints
@@ -563,7 +563,7 @@ def vision_bytes(c, cfg, cast, A):
     return total
 
 
-def plan(cfg, quiet=False):
+def memory_plan(cfg, quiet=False):
     """Per-GPU memory of one training step of `cfg` -> dict of bytes (components, totals with activation
     checkpointing off and on, max_batch_size[_checkpointed] under gpu_memory_gb), printed as a table in GiB.
     A micro-batch is batch_size pairs, each its own row of max_len tokens whose responses fill what the video leaves
@@ -635,7 +635,7 @@ def plan(cfg, quiet=False):
 
 
 def print_plan(out, cfg, config):
-    """plan()'s table: one row per component, columns activation checkpointing off / on."""
+    """memory_plan()'s table: one row per component, columns activation checkpointing off / on."""
     g = lambda x: f"{x / GiB:10.2f}"  # noqa: E731
     print(f"memory plan per GPU (GiB) for {config.family} at batch_size={out['rows']} x max_len={cfg['max_len']} "
           f"({out['response_tokens']} response tokens), num_frames={cfg['num_frames']}, "
@@ -730,7 +730,7 @@ def train(cfg):
     loading or the reference pass is not lost: the run stops after its first step."""
     check_config(cfg)
     if cfg["plan"]:
-        plan(cfg)
+        memory_plan(cfg)
         return dict(status="done", note="memory plan only")
     stop = []
     main_thread = threading.current_thread() is threading.main_thread()  # only it may install a signal handler

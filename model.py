@@ -921,8 +921,9 @@ class VLM(nn.Module):
         """Batched generation with a KV cache. prompts: list of token-id lists (left-padded here; a video row holds
         num_video_tokens ids). Greedy when temperature == 0, else temperature + nucleus (top_p) sampling.
         Returns each row's new ids, the stop token excluded. seed: an int (one random stream for the batch) or a list
-        of one per prompt (each row its own stream: its sample does not depend on what it is batched with). Qwen2.5-VL: 3-D positions for the prompt; each new
-        token takes the row's largest position + 1 (transformers' rope delta)."""
+        of one per prompt (each row its own stream: its sample does not depend on what it is batched with).
+        Qwen-VL: 3-D positions for the prompt; each new token takes the row's largest position + 1 (transformers'
+        rope delta)."""
         device, dtype = self.lm_head_weight.device, self.lm_head_weight.dtype
         B, T0 = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros(B, T0, dtype=torch.long, device=device)

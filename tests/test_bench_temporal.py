@@ -7,7 +7,6 @@ the report table and plot, resume without redoing a record, and compare's before
     .venv/bin/python -m pytest -q tests/test_bench_temporal.py
 """
 import json
-import os
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """
-dpo.plan (the memory planner, `python dpo.py config/llava.py --plan=True`) against memory measured on CPU in one real
+dpo.memory_plan (`python dpo.py config/llava.py --plan=True`) against memory measured on CPU in one real
 training step of dpo's scorer on a tiny random llava_onevision checkpoint: parameters, gradients and AdamW state by
 summing tensor bytes after an optimizer step; activations by summing the bytes of the tensors autograd saves in the
 forward (torch.autograd.graph.saved_tensors_hooks, one count per storage, parameters excluded), with and without
@@ -143,7 +143,7 @@ CASES = {
 def test_plan_matches_measured_memory(ckpts, case, monkeypatch):
     over = dict(CASES[case])
     cfg = config(ckpts[over.pop("ckpt")], **over)
-    planned = dpo.plan(cfg)
+    planned = dpo.memory_plan(cfg)
     off = measure(dict(cfg, activation_checkpointing=False), monkeypatch)
     on = measure(dict(cfg, activation_checkpointing=True), monkeypatch, recomputed=off["layer"])
     measured = dict(off, activations_checkpointed=on["activations_checkpointed"])
@@ -184,11 +184,11 @@ def llava_config(ov7b, **over):
 
 def test_llava_7b_example(ov7b):
     """The documented example: what `python dpo.py config/llava.py --plan=True --plan_world=8` says for the 7B."""
-    out = dpo.plan(llava_config(ov7b))
+    out = dpo.memory_plan(llava_config(ov7b))
     assert abs(out["parameters"] * 8 / 4 - 8.03e9) < 0.005 * 8.03e9  # fp32 over 8 shards: the model card's 8.03B
     assert out["gradients"] == out["optimizer"] / 2 < out["parameters"]  # the frozen tower has neither
     assert out["logits"] < out["logits_naive"] and out["activations_checkpointed"] < out["activations"] / 10
-    lora = dpo.plan(llava_config(ov7b, fsdp=False, lora_rank=16, ref="live", lora_frozen_dtype="bfloat16"))
+    lora = dpo.memory_plan(llava_config(ov7b, fsdp=False, lora_rank=16, ref="live", lora_frozen_dtype="bfloat16"))
     assert lora["reference"] == 0 and lora["gradients"] < 0.01 * out["gradients"] * 8  # adapters only
     assert lora["parameters"] < 0.55 * out["parameters"] * 8  # frozen linears in bf16
 
@@ -197,17 +197,17 @@ def test_largest_batch_is_monotone_and_at_the_budget(ov7b):
     budgets = [8, 16, 24, 40, 80, 141, 300]
     for over in (dict(), dict(fsdp=False, lora_rank=16, ref="live"), dict(fsdp=False, device="cpu")):
         for key in ("max_batch_size", "max_batch_size_checkpointed"):
-            fits = [dpo.plan(llava_config(ov7b, gpu_memory_gb=gb, **over), quiet=True)[key] for gb in budgets]
+            fits = [dpo.memory_plan(llava_config(ov7b, gpu_memory_gb=gb, **over), quiet=True)[key] for gb in budgets]
             assert fits == sorted(fits) and fits[-1] > 0, (over, key, fits)
         total_key = "total" + key.removeprefix("max_batch_size")
         for gb in budgets:
-            b = dpo.plan(llava_config(ov7b, gpu_memory_gb=gb, **over), quiet=True)[key]
-            at = lambda n: dpo.plan(llava_config(ov7b, gpu_memory_gb=gb, batch_size=n, **over), quiet=True)  # noqa
+            b = dpo.memory_plan(llava_config(ov7b, gpu_memory_gb=gb, **over), quiet=True)[key]
+            at = lambda n: dpo.memory_plan(llava_config(ov7b, gpu_memory_gb=gb, batch_size=n, **over), quiet=True)  # noqa
             if b > 0:
                 assert at(b)[total_key] <= gb * dpo.GiB, (over, gb, b)
             assert at(b + 1)[total_key] > gb * dpo.GiB, (over, gb, b)
     # per sample: activations grow by the same amount for every added pair; the logits chunk is capped
-    a = [dpo.plan(llava_config(ov7b, batch_size=n), quiet=True) for n in (1, 2, 3, 8)]
+    a = [dpo.memory_plan(llava_config(ov7b, batch_size=n), quiet=True) for n in (1, 2, 3, 8)]
     step = a[1]["activations"] - a[0]["activations"]
     assert step > 0 and a[2]["activations"] - a[1]["activations"] == step
     assert a[3]["activations"] == a[0]["activations"] + 7 * step

@@ -7,7 +7,6 @@ answer normalisation; the MVBench and Video-MME importers on fixtures written in
 """
 import json
 import os
-import sys
 
 import pytest
 import torch

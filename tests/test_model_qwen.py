@@ -9,7 +9,6 @@ save_pretrained read back by transformers with identical logits.
 Run: .venv/bin/python -m pytest -q tests/test_model_qwen.py
 """
 import json
-import math
 import os
 import shutil
 
@@ -38,22 +37,9 @@ def hf_config(tie=False):
 
 
 def hf_model(tie=False, seed=0):
-    """Re-initialised at a visible scale (N(0, 1/fan_in), norms U(0.5, 1.5)): the default init hides bugs."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(hf_config(tie)).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and ("norm" in name or "ln_q" in name):
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-    if tie:
-        model.tie_weights()
-    return model
+    """Re-initialised at a visible scale (tests/tiny.hf_model): the default init hides bugs."""
+    from tests.tiny import hf_model as visible
+    return visible(hf_config(tie), seed)
 
 
 def write_checkpoint(tmp_path, tie=False):

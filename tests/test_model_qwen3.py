@@ -9,7 +9,6 @@ untied heads (interleaved multimodal RoPE, q/k norms, head_dim != hidden / heads
 save_pretrained (sharded) read back by us and by transformers with identical logits.
 Run: .venv/bin/python -m pytest -q tests/test_model_qwen3.py
 """
-import math
 
 import pytest
 import torch
@@ -38,22 +37,9 @@ def hf_config(tie=False):
 
 
 def hf_model(tie=False, seed=0):
-    """Re-initialised at a visible scale (N(0, 1/fan_in), norms U(0.5, 1.5)): the default init hides bugs."""
-    from transformers import Qwen3VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(hf_config(tie)).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-    if tie:
-        model.tie_weights()
-    return model
+    """Re-initialised at a visible scale (tests/tiny.hf_model): the default init hides bugs."""
+    from tests.tiny import hf_model as visible
+    return visible(hf_config(tie), seed)
 
 
 def write_checkpoint(tmp_path, tie=False):

@@ -17,7 +17,7 @@ Checks:
 - export: dpo's final/ loads in transformers' Qwen2_5_VLForConditionalGeneration and its fp32 logits equal ours
   (max |Δ| <= 1e-4) on a video prompt and answer;
 - config/qwen2_5_vl.py on the 7B's config.json: known keys only, FSDP2 + activation checkpointing, 8.29B
-  parameters, the video leaves room for responses, dpo.plan's per-GPU total fits gpu_memory_gb, 128 pairs a step;
+  parameters, the video leaves room for responses, dpo.memory_plan's per-GPU total fits gpu_memory_gb, 128 pairs a step;
 - Qwen3-VL prompt ids: tok.video_prompt equals what Qwen3VLProcessor's own placeholder code (replace_video_token,
   get_text_with_replacements, on an instance built without its torchvision-only video processor) and transformers'
   tokenizer give for the same text, 3, 4 and 7 frames at the fixed path's 2 fps clock; transformers' logits on the ids
@@ -302,7 +302,7 @@ def test_7b_recipe_fits_8_gpus(tmp_path):
     cfg = configure(dpo.DEFAULTS, [os.path.join(REPO, "config", "qwen2_5_vl.py"), f"--init_from={tmp_path}",
                                    "--plan_world=8", "--device=cuda"])  # unknown keys in the file would raise
     assert cfg["fsdp"] and cfg["activation_checkpointing"] and cfg["dtype"] == "bfloat16"
-    out = dpo.plan(cfg)
+    out = dpo.memory_plan(cfg)
     assert abs(out["parameters"] * 8 / 4 - 8.29e9) < 0.005 * 8.29e9  # fp32 over 8 shards: the model card's 8.29B
     assert out["gradients"] == out["optimizer"] / 2 < out["parameters"]  # the frozen ViT and merger have neither
     with torch.device("meta"):
