@@ -461,7 +461,8 @@ def run_temporal(clients, cfg, items_list, judgments, threshold):
         js = [j for j in probe_js if j["id"] in ids]
         fractions = [answers[i]["frames"]["in_span_fraction"] for i in ids if "frames" in answers.get(i, {})]
         kind, n = parse_variant(v)
-        out[v] = dict(safety_rate=safety(js), n=safety(js)["n"], num_frames=cfg["num_frames"] if kind == "late" else n,
+        rate = safety(js)
+        out[v] = dict(safety_rate=rate, n=rate["n"], num_frames=cfg["num_frames"] if kind == "late" else n,
                       in_span_fraction=sum(fractions) / len(fractions) if fractions else None,
                       answered=len(ids & set(answers)), unreadable=len(ids & unreadable),
                       judge_error=sum(j["label"] == "judge_error" for j in js),
