@@ -699,20 +699,22 @@ class Client:
 
     def map(self, fn, items):
         """Run fn(item) on `concurrency` threads; yield (item, result, None) or (item, None, exception) as each
-        finishes, so the caller writes each record when it is ready. At most 2*concurrency items are in flight. A
-        FatalError stops dispatching: the in-flight items are still yielded, then the error is raised."""
-        items, pending, fatal = iter(items), {}, None
+        finishes, so the caller writes each record when it is ready (items finished together: in input order, so
+        with one worker the output order is the input's). At most 2*concurrency items are in flight. A FatalError
+        stops dispatching: the in-flight items are still yielded, then the error is raised."""
+        items, pending, fatal, seq = iter(items), {}, None, {}
         with cf.ThreadPoolExecutor(self.concurrency) as pool:
             while True:
                 while fatal is None and len(pending) < 2 * self.concurrency:
                     item = next(items, StopIteration)
                     if item is StopIteration:
                         break
-                    pending[pool.submit(fn, item)] = item
+                    fut = pool.submit(fn, item)
+                    pending[fut], seq[fut] = item, len(seq)
                 if not pending:
                     break
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in done:
+                for fut in sorted(done, key=seq.pop):  # a set: its order would vary from run to run
                     item = pending.pop(fut)
                     if fut.cancelled():
                         continue

@@ -4,6 +4,7 @@
 descriptions = "out/demo/descriptions.jsonl"
 out = "out/demo/pairs.jsonl"
 llm_url = "offline"
-concurrency = 2  # offline calls are microseconds; threads only exercise the pool
+concurrency = 1  # offline calls are microseconds; one worker writes the pairs in input order, so two runs of the
+#                 demo write identical files (with 2, completion order varied from run to run)
 max_rules = 3  # the rules whose keywords the description hits most (ties broken by a hash)
 queries_per_video = 12  # 3 rules x 4 styles (explicit, video_grounded, jailbreak, benign_sensitive): every slot distinct

@@ -143,6 +143,8 @@ def main(cfg):
     captions = records.read_records(os.path.join(root, "captions.jsonl"), required=("video", "description"))
     instructions = records.read_records(os.path.join(root, "instructions.jsonl"),
                                         required=("video", "prompt", "chosen", "rejected", "query_type"))
+    # by id: the examples' order (and so every batch) must not depend on the order a threaded generator wrote them
+    captions, instructions = (sorted(r, key=lambda x: x["id"]) for r in (captions, instructions))
     with open(os.path.join(REPO, cfg["describe_prompt"]) if not os.path.isfile(cfg["describe_prompt"])
               else cfg["describe_prompt"], encoding="utf-8") as f:
         describe_text = f.read().strip()
