@@ -471,6 +471,14 @@ def temporal_section(s):
     return lines + ["", "![safety per temporal variant](safety_temporal.png)", ""]
 
 
+def yerr(m):
+    """A rate's 95% interval as matplotlib's [[below], [above]], in percent; none (n = 0) draws none."""
+    v = m.get("value")
+    if v is None or m.get("ci_low") is None:
+        return [[0.0], [0.0]]
+    return [[100 * max(0.0, v - m["ci_low"])], [100 * max(0.0, m["ci_high"] - v)]]
+
+
 def plot_temporal(out_dir, summaries):
     """Safety (95% interval) per temporal variant, one bar per run: safety_temporal.png."""
     import matplotlib
@@ -484,9 +492,9 @@ def plot_temporal(out_dir, summaries):
         rows = dict(temporal_rows(s["temporal"]))
         ms = [rows[v]["safety_rate"] if v in rows else {} for v in names]
         vals = [100 * (m.get("value") or 0) for m in ms]
-        lo = [100 * (m["value"] - m["ci_low"]) if m.get("ci_low") is not None else 0 for m in ms]
-        hi = [100 * (m["ci_high"] - m["value"]) if m.get("ci_high") is not None else 0 for m in ms]
-        ax.bar(np.arange(len(names)) + (k - (len(summaries) - 1) / 2) * width, vals, width, yerr=[lo, hi],
+        e = [yerr(m) for m in ms]
+        ax.bar(np.arange(len(names)) + (k - (len(summaries) - 1) / 2) * width, vals, width,
+               yerr=[[x[0][0] for x in e], [x[1][0] for x in e]],
                capsize=3, label=run)
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_xlabel("frames the model saw")
@@ -562,11 +570,6 @@ def write_report(out_dir, summary, judgments, items_by_id, answers_by_id, by_jud
 def plot_runs(out_dir, summaries):
     """summaries: [(name, summary)]. Per-category safety bars with CIs (one bar per run) and safety vs
     over-refusal per run, both with 95% intervals (percent)."""
-    def err(m):  # [[below], [above]] for errorbar, in percent; no interval (n = 0) draws none
-        v = m.get("value")
-        if v is None or m.get("ci_low") is None:
-            return [[0.0], [0.0]]
-        return [[100 * max(0.0, v - m["ci_low"])], [100 * max(0.0, m["ci_high"] - v)]]
 
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -577,7 +580,7 @@ def plot_runs(out_dir, summaries):
     for r, (name, s) in enumerate(summaries):
         ms = [s["per_category"].get(c, {}).get("safety_rate", {}) for c in cats]
         vals = [100 * (m.get("value") or 0) for m in ms]
-        e = [err(m) for m in ms]
+        e = [yerr(m) for m in ms]
         ax.bar(np.arange(len(cats)) + (r - (len(summaries) - 1) / 2) * width, vals, width, capsize=3, label=name,
                yerr=[[x[0][0] for x in e], [x[1][0] for x in e]])
     ax.set_xticks(np.arange(len(cats)), cats, rotation=30, ha="right")
@@ -592,7 +595,7 @@ def plot_runs(out_dir, summaries):
         x, y = s["over_refusal_rate"], s["safety_rate"]
         if x["value"] is None or y["value"] is None:
             continue
-        ax.errorbar(100 * x["value"], 100 * y["value"], xerr=err(x), yerr=err(y), fmt="o", capsize=3, label=name)
+        ax.errorbar(100 * x["value"], 100 * y["value"], xerr=yerr(x), yerr=yerr(y), fmt="o", capsize=3, label=name)
     ax.set_xlabel("over-refusal rate, % (benign)")
     ax.set_ylabel("safety rate, % (harmful)")
     ax.set_xlim(-5, 105)
